@@ -1,0 +1,31 @@
+# Two commands on a fresh machine: `make demo` (install + the main job) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The real datasets: ../shared/data when present (dev machines and CI), else the loaders'
+# default (~/.cache/umim/data, downloaded on first use). Override with UMIM_DATA_ROOT=...
+SHARED_DATA := $(abspath ../shared/data)
+export UMIM_DATA_ROOT ?= $(if $(wildcard $(SHARED_DATA)/medmnist),$(SHARED_DATA),)
+
+.PHONY: install demo test lint clean
+
+$(BIN)/umim: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(BIN)/umim
+
+demo: install
+	$(BIN)/umim data list
+
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

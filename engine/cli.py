@@ -1,0 +1,105 @@
+"""The ``umim`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from engine.data import (
+    DataError,
+    ShardBuilder,
+    domain_catalog,
+    resolve_cache_dir,
+    resolve_data_root,
+    summarise_domains,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def _add_data_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-root", default=None,
+                        help="folder with medmnist/*.npz and mednist/ (else $UMIM_DATA_ROOT, "
+                             "else ~/.cache/umim/data)")
+    parser.add_argument("--cache-dir", default=None,
+                        help="folder for derived shards (else $UMIM_CACHE_DIR, else "
+                             "~/.cache/umim/cache)")
+
+
+def _cmd_data_list(args: argparse.Namespace) -> int:
+    summary = summarise_domains(domain_catalog(), resolve_data_root(args.data_root))
+    rows = summary.domains
+    if args.json:
+        print(json.dumps({r.spec.name: r.to_dict() for r in rows}, indent=2))
+        return 0 if summary.ok else 1
+    table = Table(title=f"umim domains (data root: {resolve_data_root(args.data_root)})")
+    for col in ("domain", "source", "modality", "task", "classes", "train", "val", "test"):
+        table.add_column(col, no_wrap=True, justify="right"
+                         if col in ("classes", "train", "val", "test") else "left")
+    for r in rows:
+        counts = [str(r.counts[s]) if s in r.counts else "-" for s in ("train", "val", "test")]
+        table.add_row(r.spec.name, r.spec.source_name, r.spec.modality, r.spec.task,
+                      str(r.spec.num_classes), *counts)
+    console = Console(width=max(Console().width, 120))
+    console.print(table)
+    pool = "unknown (MedNIST missing)" if summary.pool_size is None else \
+        f"{summary.pool_size} images"
+    console.print(f"server pool (unlabelled MedNIST half): {pool}")
+    for r in rows:
+        if r.problem:
+            console.print(f"[red]{r.spec.name}[/red]: {r.problem}")
+    return 0 if summary.ok else 1
+
+
+def _cmd_data_prepare(args: argparse.Namespace) -> int:
+    catalog = domain_catalog()
+    names = args.domains or list(catalog)
+    builder = ShardBuilder(catalog, resolve_data_root(args.data_root),
+                           resolve_cache_dir(args.cache_dir), download=not args.offline)
+    console = Console()
+    for name, paths in builder.domains(names).items():
+        console.print(f"{name}: {paths['train'].parent}")
+    console.print(f"server pool: {builder.pool()}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``umim`` (exposed for tests and docs)."""
+    parser = argparse.ArgumentParser(prog="umim", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    data = commands.add_parser("data", help="inspect and prepare the datasets")
+    data_cmds = data.add_subparsers(dest="data_command", required=True)
+    listing = data_cmds.add_parser("list", help="table of the domains and their sample counts")
+    _add_data_args(listing)
+    listing.add_argument("--json", action="store_true", help="print JSON keyed by domain")
+    listing.set_defaults(func=_cmd_data_list)
+    prepare = data_cmds.add_parser("prepare", help="build the client and pool shards once")
+    _add_data_args(prepare)
+    prepare.add_argument("domains", nargs="*", help="domains to prepare (default: all)")
+    prepare.add_argument("--offline", action="store_true", help="never download")
+    prepare.set_defaults(func=_cmd_data_prepare)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``umim`` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except DataError as err:
+        Console(stderr=True).print(f"[red]data error:[/red] {err}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""Build client and pool shards once from the raw datasets, and find them again.
+
+Shards go to ``<cache_dir>/shards/<owner>-<fingerprint>/<split>.parquet``; the fingerprint
+covers the source file, the domain spec, the MedNIST split settings and the shard format,
+so a changed input gives a new shard and an unchanged one is never rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from engine.data.catalog import DomainSpec
+from engine.data.errors import DataError
+from engine.data.medmnist import SPLITS, load_medmnist, medmnist_spec
+from engine.data.mednist import (
+    MEDNIST_CLASSES,
+    MedNISTArrays,
+    MedNISTSplit,
+    load_mednist,
+    mednist_paths,
+    split_mednist,
+)
+from engine.data.partition import PartitionScheme, partition
+from engine.data.shards import SHARD_FORMAT_VERSION, Shard, ShardMeta, read_shard, write_shard
+from engine.data.unify import normalisation_stats, unify_images
+
+logger = logging.getLogger(__name__)
+
+POOL_OWNER = "server-pool"
+ShardPaths = dict[str, Path]
+"""split name -> shard file."""
+
+
+@dataclass(frozen=True)
+class MedNISTSplitSettings:
+    """How MedNIST is divided between the server's pool and the client domains."""
+
+    seed: int = 0
+    pool_fraction: float = 0.5
+    split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)
+
+
+def _source_fingerprint(path: Path) -> list:
+    if path.is_dir():
+        files = sorted(path.rglob("*.jpeg"))
+        return [path.name, len(files), sum(f.stat().st_size for f in files)]
+    stat = path.stat()
+    return [path.name, stat.st_size, stat.st_mtime_ns]
+
+
+def _digest(payload: object) -> str:
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _mednist_source(data_root: Path) -> Path | None:
+    folder, tarball = mednist_paths(data_root)
+    return folder if folder.is_dir() else tarball if tarball.exists() else None
+
+
+class ShardBuilder:
+    """Writes (once) and locates the shards of domains and of the server's pool.
+
+    Parameters
+    ----------
+    catalog
+        Every known domain; MedNIST is split over all MedNIST domains of the catalog, so a
+        domain's shard does not depend on which other domains an experiment selects.
+    data_root, cache_dir
+        Raw data (read only) and the folder for derived shards.
+    mednist
+        MedNIST split settings.
+    download
+        Fetch missing official files.
+    """
+
+    def __init__(self, catalog: Mapping[str, DomainSpec], data_root: Path, cache_dir: Path,
+                 mednist: MedNISTSplitSettings | None = None, download: bool = True) -> None:
+        self.catalog = dict(catalog)
+        self.data_root = Path(data_root)
+        self.cache_dir = Path(cache_dir)
+        self.mednist = mednist or MedNISTSplitSettings()
+        self.download = download
+        self._mednist_cache: tuple[MedNISTArrays, MedNISTSplit] | None = None
+
+    # -- locations ---------------------------------------------------------------------
+    def _mednist_key(self) -> list:
+        source = _mednist_source(self.data_root)
+        claims = {n: list(s.classes) for n, s in self.catalog.items() if s.source == "mednist"}
+        return [None if source is None else _source_fingerprint(source), claims,
+                self.mednist.seed, self.mednist.pool_fraction,
+                list(self.mednist.split_fractions)]
+
+    def _dir(self, owner: str, key: object) -> Path:
+        return self.cache_dir / "shards" / f"{owner}-{_digest([SHARD_FORMAT_VERSION, key])}"
+
+    def domain_dir(self, name: str) -> Path:
+        """Folder of ``name``'s three shard files."""
+        spec = self._spec(name)
+        if spec.source == "mednist":
+            key: object = [spec.to_dict(), self._mednist_key()]
+        else:
+            path = medmnist_spec(spec.dataset or "", spec.size).path(self.data_root)
+            key = [spec.to_dict(), _source_fingerprint(path) if path.exists() else None]
+        return self._dir(name, key)
+
+    def pool_path(self) -> Path:
+        """The server pool's shard file."""
+        return self._dir(POOL_OWNER, self._mednist_key()) / "pool.parquet"
+
+    def _spec(self, name: str) -> DomainSpec:
+        if name not in self.catalog:
+            raise DataError(f"unknown domain {name!r}; known: {', '.join(self.catalog)}")
+        return self.catalog[name]
+
+    # -- building ----------------------------------------------------------------------
+    def domain(self, name: str) -> ShardPaths:
+        """Paths of ``name``'s train / val / test shards, building them if needed."""
+        folder = self.domain_dir(name)
+        paths = {split: folder / f"{split}.parquet" for split in SPLITS}
+        if all(p.exists() for p in paths.values()):
+            return paths
+        spec = self._spec(name)
+        logger.info("building shards of domain %s into %s", name, folder)
+        raw = self._raw_domain(spec)
+        images = {s: unify_images(x, spatial_dims=sd, in_channels=ch) for s, (x, _, _, sd, ch)
+                  in raw.items()}
+        mean, std = normalisation_stats(images["train"])
+        for split, (_, labels, ids, _, _) in raw.items():
+            meta = ShardMeta(owner=name, split=split, task=spec.task,
+                             label_names=spec.label_names, mean=mean, std=std)
+            write_shard(paths[split], Shard(ids=ids, images=images[split], labels=labels,
+                                            meta=meta))
+        return paths
+
+    def domains(self, names: Iterable[str]) -> dict[str, ShardPaths]:
+        """:meth:`domain` for several names."""
+        return {name: self.domain(name) for name in names}
+
+    def pool(self) -> Path:
+        """The server's unlabelled pool shard (labels are never written), building it if needed."""
+        path = self.pool_path()
+        if path.exists():
+            return path
+        arrays, split = self._mednist()
+        images = unify_images(arrays.images[split.pool], spatial_dims=2, in_channels=1)
+        mean, std = normalisation_stats(images)
+        ids = np.asarray([arrays.names[i] for i in split.pool], dtype=object)
+        meta = ShardMeta(owner=POOL_OWNER, split="pool", task="unlabelled", label_names=(),
+                         mean=mean, std=std)
+        logger.info("building the server pool (%d images) into %s", len(ids), path)
+        return write_shard(path, Shard(ids=ids, images=images, labels=None, meta=meta))
+
+    def partitions(self, name: str, num_clients: int, scheme: PartitionScheme = "iid",
+                   seed: int = 0, alpha: float = 0.5) -> list[ShardPaths]:
+        """Split domain ``name`` over ``num_clients`` clients, each with its own shards.
+
+        Each split is partitioned with the same scheme and seed; every client normalises
+        with statistics of its own train part, as a real hospital would.
+        """
+        base = self.domain(name)
+        folder = self.domain_dir(name) / f"{scheme}-{num_clients}-s{seed}-a{alpha:g}"
+        out = [{s: folder / f"client-{i:05d}" / f"{s}.parquet" for s in SPLITS}
+               for i in range(num_clients)]
+        if all(p.exists() for client in out for p in client.values()):
+            return out
+        shards = {s: read_shard(base[s]) for s in SPLITS}
+        parts = {s: partition(shards[s].labels, scheme, num_clients, seed, alpha)
+                 for s in SPLITS}
+        for i, client in enumerate(out):
+            owner = f"{name}#{i}"
+            mean, std = normalisation_stats(shards["train"].images[parts["train"][i]])
+            for s in SPLITS:
+                write_shard(client[s], shards[s].subset(parts[s][i], owner=owner, mean=mean,
+                                                        std=std))
+        return out
+
+    def _mednist(self) -> tuple[MedNISTArrays, MedNISTSplit]:
+        if self._mednist_cache is None:
+            arrays = load_mednist(self.data_root, download=self.download)
+            claims = {n: [MEDNIST_CLASSES.index(c) for c in s.classes]
+                      for n, s in self.catalog.items() if s.source == "mednist"}
+            split = split_mednist(arrays.labels, claims, seed=self.mednist.seed,
+                                  pool_fraction=self.mednist.pool_fraction,
+                                  split_fractions=self.mednist.split_fractions)
+            self._mednist_cache = (arrays, split)
+        return self._mednist_cache
+
+    def _raw_domain(self, spec: DomainSpec) -> dict[str, tuple]:
+        """split -> (raw images, labels (N, L), ids, spatial_dims, in_channels)."""
+        if spec.source == "mednist":
+            arrays, split = self._mednist()
+            remap = {MEDNIST_CLASSES.index(c): i for i, c in enumerate(spec.classes)}
+            out = {}
+            for s, idx in split.domains[spec.name].items():
+                labels = np.array([remap[int(v)] for v in arrays.labels[idx]], dtype=np.int64)
+                ids = np.asarray([arrays.names[i] for i in idx], dtype=object)
+                out[s] = (arrays.images[idx], labels[:, None], ids, 2, 1)
+            return out
+        mspec = medmnist_spec(spec.dataset or "", spec.size)
+        data = load_medmnist(mspec.flag, mspec.size, self.data_root, download=self.download)
+        return {s: (a.images, a.labels, np.asarray([f"{s}/{i}" for i in range(len(a))],
+                                                    dtype=object),
+                    mspec.spatial_dims, mspec.in_channels) for s, a in data.items()}

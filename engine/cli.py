@@ -69,6 +69,49 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from engine.config import load_config
+    from engine.simulation import run
+
+    overrides = list(args.overrides)
+    if args.address:
+        overrides.append(f"run.address={args.address}")
+    cfg = load_config(args.config, overrides)
+    result = run(cfg, out=args.out, data_root=args.data_root, quiet=args.quiet)
+    _print_summary(result.run_dir, result.summary)
+    return 0
+
+
+def _cmd_resume(args: argparse.Namespace) -> int:
+    from engine.simulation import resume
+
+    result = resume(args.run_dir, quiet=args.quiet)
+    _print_summary(result.run_dir, result.summary)
+    return 0
+
+
+def _cmd_strategies(args: argparse.Namespace) -> int:
+    from strategies import STRATEGIES
+
+    for name, cls in sorted(STRATEGIES.items()):
+        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        print(f"{name:<12} {doc}")
+    return 0
+
+
+def _print_summary(run_dir: str, summary: dict) -> None:
+    console = Console(width=max(Console().width, 100))
+    table = Table(title=f"{summary['name']} ({summary['strategy']}): test metrics")
+    for col in ("domain", "AUC", "ACC"):
+        table.add_column(col, justify="left" if col == "domain" else "right")
+    for domain, row in summary["domains"].items():
+        table.add_row(domain, f"{row['auc']:.3f}", f"{row['acc']:.3f}")
+    console.print(table)
+    console.print(f"mean test AUC {summary['mean_test_auc']:.3f}; run directory: {run_dir}")
+    if summary.get("failures"):
+        console.print(f"[yellow]{len(summary['failures'])} client failure(s) recorded[/yellow]")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``umim`` (exposed for tests and docs)."""
     parser = argparse.ArgumentParser(prog="umim", description=__doc__)
@@ -86,6 +129,23 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("domains", nargs="*", help="domains to prepare (default: all)")
     prepare.add_argument("--offline", action="store_true", help="never download")
     prepare.set_defaults(func=_cmd_data_prepare)
+
+    run = commands.add_parser("run", help="run an experiment config end to end")
+    run.add_argument("config", help="experiment YAML, e.g. experiments/quickstart.yaml")
+    run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. strategy.rounds=3")
+    run.add_argument("--data-root", default=None, help="overrides data.data_root")
+    run.add_argument("--out", default=None, help="run directory (local path or pyarrow URI)")
+    run.add_argument("--address", default=None, help="Ray cluster address (else $RAY_ADDRESS)")
+    run.add_argument("--quiet", action="store_true", help="no progress display")
+    run.set_defaults(func=_cmd_run)
+
+    resume = commands.add_parser("resume", help="continue a run from its last checkpoint")
+    resume.add_argument("run_dir")
+    resume.add_argument("--quiet", action="store_true", help="no progress display")
+    resume.set_defaults(func=_cmd_resume)
+
+    strategies = commands.add_parser("strategies", help="list the registered strategies")
+    strategies.set_defaults(func=_cmd_strategies)
     return parser
 
 
@@ -99,6 +159,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DataError as err:
         Console(stderr=True).print(f"[red]data error:[/red] {err}")
         return 2
+    except Exception as err:  # every expected failure has a message worth showing as is
+        from engine.config import ConfigError
+        from engine.resources import ResourceError
+        from engine.simulation import RunError
+
+        if isinstance(err, ConfigError | ResourceError | RunError):
+            Console(stderr=True).print(f"[red]{type(err).__name__}:[/red] {err}")
+            return 2
+        raise
 
 
 if __name__ == "__main__":

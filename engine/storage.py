@@ -1,0 +1,79 @@
+"""Run storage on a local folder or any filesystem pyarrow understands (``s3://``, ...)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+
+class Storage:
+    """A run directory: write, read and list files by relative path.
+
+    Parameters
+    ----------
+    uri
+        A local path or a URI pyarrow resolves (``file://``, ``s3://``, ``gs://``, ...).
+    """
+
+    def __init__(self, uri: str | os.PathLike[str]) -> None:
+        text = str(uri)
+        if "://" not in text:
+            text = str(Path(text).expanduser().resolve())
+            self.fs: pafs.FileSystem = pafs.LocalFileSystem()
+            self.root = text
+        else:
+            self.fs, self.root = pafs.FileSystem.from_uri(text)
+        self.uri = text
+        self.fs.create_dir(self.root, recursive=True)
+
+    @property
+    def is_local(self) -> bool:
+        """True for a local folder."""
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
+    def path(self, rel: str) -> str:
+        """Full path of ``rel`` on the filesystem."""
+        return f"{self.root.rstrip('/')}/{rel}"
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write ``rel`` (atomically on local disks: temporary file, then rename)."""
+        target = self.path(rel)
+        parent = target.rsplit("/", 1)[0]
+        self.fs.create_dir(parent, recursive=True)
+        if self.is_local:
+            tmp = f"{parent}/.{uuid.uuid4().hex}.tmp"
+            with self.fs.open_output_stream(tmp) as out:
+                out.write(data)
+            os.replace(tmp, target)
+        else:
+            with self.fs.open_output_stream(target) as out:
+                out.write(data)
+
+    def write_text(self, rel: str, text: str) -> None:
+        """Write UTF-8 text."""
+        self.write_bytes(rel, text.encode())
+
+    def read_bytes(self, rel: str) -> bytes:
+        """Read ``rel``."""
+        with self.fs.open_input_stream(self.path(rel)) as src:
+            return src.read()
+
+    def read_text(self, rel: str) -> str:
+        """Read UTF-8 text."""
+        return self.read_bytes(rel).decode()
+
+    def exists(self, rel: str) -> bool:
+        """Whether ``rel`` exists."""
+        return self.fs.get_file_info(self.path(rel)).type != pafs.FileType.NotFound
+
+    def listdir(self, rel: str) -> list[str]:
+        """Base names inside folder ``rel`` (empty when it does not exist)."""
+        info = self.fs.get_file_info(pafs.FileSelector(self.path(rel), allow_not_found=True))
+        return sorted(i.base_name for i in info)
+
+    def delete_dir(self, rel: str) -> None:
+        """Remove folder ``rel`` and its contents."""
+        self.fs.delete_dir(self.path(rel))

@@ -43,6 +43,10 @@ class ClientHost:
         ins.state = {**shared, **ins.state}
         return self.clients[cid].evaluate(ins)
 
+    def ping(self) -> bool:
+        """Liveness check (answers once the actor has loaded its clients)."""
+        return True
+
     def describe(self) -> dict[str, Any]:
         """Process id, devices and client sizes (for tests and logs)."""
         return {"pid": os.getpid(), "cuda": torch.cuda.is_available(),

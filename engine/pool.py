@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import (
+    ActorDiedError,
+    ActorUnavailableError,
+    GetTimeoutError,
+    RayActorError,
+    RayTaskError,
+)
 
 from engine.actors import ClientActor
 from engine.client import ClientSpec
@@ -37,11 +44,12 @@ class ActorPool:
     """``K`` client actors serving ``N >= K`` clients; client ``i`` lives on actor ``i % K``."""
 
     def __init__(self, actors: list[Any], home: dict[str, int], infos: dict[str, ClientInfo],
-                 max_retries: int) -> None:
+                 max_retries: int, ready_timeout_s: float) -> None:
         self.actors = actors
         self.home = home
         self._infos = infos
         self.max_retries = max_retries
+        self.ready_timeout_s = ready_timeout_s
 
     @classmethod
     def start(cls, cfg: ExperimentConfig, specs: Sequence[ClientSpec]) -> ActorPool:
@@ -77,7 +85,7 @@ class ActorPool:
             raise RuntimeError(f"a client actor failed while loading its data: {err}") from err
         infos = {i.cid: i for group in announced for i in group}
         logger.info("started %d client actors for %d clients", count, len(specs))
-        return cls(actors, home, infos, res.max_retries)
+        return cls(actors, home, infos, res.max_retries, res.ready_timeout_s)
 
     def infos(self) -> dict[str, ClientInfo]:
         """Client id -> onboarding announcement."""
@@ -120,7 +128,7 @@ class ActorPool:
                     results[cid] = ray.get(ref)
                     progress.client_done()
                 except RayActorError as err:
-                    if attempt < self.max_retries:
+                    if attempt < self.max_retries and self._await_restart(cid):
                         logger.warning("client %s: actor died during %s (%s); retry %d/%d",
                                        cid, method, type(err).__name__, attempt + 1,
                                        self.max_retries)
@@ -132,6 +140,21 @@ class ActorPool:
                     failures[cid] = f"task error: {err}"
                     progress.client_done()
         return results, failures
+
+    def _await_restart(self, cid: str) -> bool:
+        """Wait until the actor of ``cid`` answers again (Ray restarts it and it reloads its
+        clients' data); False when it is gone for good or not back within the ready timeout.
+        """
+        deadline = time.monotonic() + self.ready_timeout_s
+        while time.monotonic() < deadline:
+            try:
+                ray.get(self.actor_of(cid).ping.remote(), timeout=self.ready_timeout_s)
+                return True
+            except ActorUnavailableError:
+                time.sleep(0.5)
+            except (ActorDiedError, GetTimeoutError):
+                return False
+        return False
 
     def describe(self) -> list[dict[str, Any]]:
         """Each actor's pid and devices."""

@@ -76,8 +76,17 @@ class Strategy(ABC):
 
     def configure_evaluate(self, server_round: int, cids: Sequence[str], split: str
                            ) -> dict[str, EvaluateIns]:
-        """The model each client scores on its own ``split``."""
-        return {cid: EvaluateIns(state=self.client_state(cid), split=split) for cid in cids}
+        """The model each client scores on its own ``split``.
+
+        A client that has no head yet for one of its domains (its only update so far was
+        rejected) has no model to score and is skipped.
+        """
+        out = {}
+        for cid in cids:
+            state = self.client_state(cid)
+            if all(heads_of(state, [d]) for d in self.clients[cid].domains):
+                out[cid] = EvaluateIns(state=state, split=split)
+        return out
 
     # -- checkpoints -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -19,6 +19,9 @@ install: $(BIN)/umim
 
 demo: install
 	$(BIN)/umim data list
+	@if [ -f runs/quickstart/config.yaml ]; then $(BIN)/umim resume runs/quickstart; \
+	else $(BIN)/umim run experiments/quickstart.yaml --out runs/quickstart; fi
+	$(BIN)/umim report runs/quickstart
 
 test: install
 	$(BIN)/ruff check .

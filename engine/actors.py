@@ -14,20 +14,19 @@ import ray
 import torch
 
 from engine.client import Client, ClientSpec
-from engine.config import ModelConfig, TrainConfig
+from engine.config import DataConfig, ModelConfig, TrainConfig
 from strategies.types import ClientInfo, EvaluateIns, EvaluateRes, FitIns, FitRes, State
 
 
 class ClientHost:
     """The body of a client actor; plain Python so it can also run in-process."""
 
-    def __init__(self, specs: Sequence[ClientSpec], model: ModelConfig, train: TrainConfig, *,
-                 seed: int, max_train_samples: int | None, max_eval_samples: int | None,
-                 num_threads: int) -> None:
+    def __init__(self, specs: Sequence[ClientSpec], model: ModelConfig, train: TrainConfig,
+                 data: DataConfig, *, seed: int, num_threads: int) -> None:
         torch.set_num_threads(max(1, num_threads))
-        self.clients = {s.cid: Client(s, model, train, seed=seed,
-                                      max_train_samples=max_train_samples,
-                                      max_eval_samples=max_eval_samples) for s in specs}
+        self.clients = {s.cid: Client(s.resolve(data), model, train, seed=seed,
+                                      max_train_samples=data.max_train_samples,
+                                      max_eval_samples=data.max_eval_samples) for s in specs}
 
     def infos(self) -> list[ClientInfo]:
         """Onboarding announcements of every client served here."""
@@ -42,6 +41,11 @@ class ClientHost:
         """Score client ``cid`` on its own data."""
         ins.state = {**shared, **ins.state}
         return self.clients[cid].evaluate(ins)
+
+    def finetune(self, cid: str, shared: State, ins: FitIns) -> EvaluateRes:
+        """Fine-tune client ``cid`` and score it on its test split (metrics only)."""
+        ins.state = {**shared, **ins.state}
+        return self.clients[cid].finetune(ins)
 
     def ping(self) -> bool:
         """Liveness check (answers once the actor has loaded its clients)."""

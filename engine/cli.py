@@ -71,7 +71,7 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from engine.config import load_config
-    from engine.simulation import run
+    from engine.study import run
 
     overrides = list(args.overrides)
     if args.address:
@@ -83,10 +83,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
-    from engine.simulation import resume
+    from engine.study import resume
 
     result = resume(args.run_dir, quiet=args.quiet)
     _print_summary(result.run_dir, result.summary)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from engine.report import write_report
+
+    print(write_report(args.run_dir))
     return 0
 
 
@@ -143,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("run_dir")
     resume.add_argument("--quiet", action="store_true", help="no progress display")
     resume.set_defaults(func=_cmd_resume)
+
+    report = commands.add_parser("report", help="write report.md and plots for a run")
+    report.add_argument("run_dir")
+    report.set_defaults(func=_cmd_report)
 
     strategies = commands.add_parser("strategies", help="list the registered strategies")
     strategies.set_defaults(func=_cmd_strategies)

@@ -12,14 +12,22 @@ import logging
 import math
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.config import ModelConfig, TrainConfig
+from engine.config import DataConfig, ModelConfig, TrainConfig
+from engine.data import (
+    MedNISTSplitSettings,
+    ShardBuilder,
+    domain_catalog,
+    resolve_cache_dir,
+    resolve_data_root,
+)
+from engine.data.prepare import ShardRecipe
 from engine.data.shards import read_shard
 from engine.metrics import auc_acc, scores_from_logits
 from engine.models import MultiHeadNet, build_model
@@ -32,10 +40,29 @@ SPLITS = ("train", "val", "test")
 
 @dataclass(frozen=True)
 class ClientSpec:
-    """Where a client's data lives: domain -> split -> shard path."""
+    """A client's data: shard paths (domain -> split -> path), or recipes that the client
+    resolves on its own node (so multi-node clusters need no shared filesystem)."""
 
     cid: str
-    shards: Mapping[str, Mapping[str, str]]
+    shards: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    recipes: tuple[ShardRecipe, ...] = ()
+
+    def resolve(self, data: DataConfig) -> ClientSpec:
+        """This spec with its recipes turned into shard paths on the current node."""
+        if not self.recipes:
+            return self
+        builder = shard_builder(data)
+        shards = {r.domain: {s: str(p) for s, p in r.resolve(builder).items()}
+                  for r in self.recipes}
+        return ClientSpec(self.cid, shards=shards)
+
+
+def shard_builder(data: DataConfig) -> ShardBuilder:
+    """The :class:`~engine.data.ShardBuilder` of an experiment's data settings."""
+    return ShardBuilder(domain_catalog(dict(data.extra_domains)),
+                        resolve_data_root(data.data_root), resolve_cache_dir(data.cache_dir),
+                        mednist=MedNISTSplitSettings(seed=data.mednist_seed),
+                        download=data.download)
 
 
 def derive_seed(*parts: object) -> int:
@@ -76,6 +103,9 @@ class Client:
     def __init__(self, spec: ClientSpec, model: ModelConfig, train: TrainConfig, *,
                  seed: int = 0, max_train_samples: int | None = None,
                  max_eval_samples: int | None = None, device: str | None = None) -> None:
+        if spec.recipes:
+            raise ValueError(f"client {spec.cid}: resolve its shard recipes first "
+                             "(ClientSpec.resolve)")
         self.spec = spec
         self.cid = spec.cid
         self.train_cfg = train
@@ -150,6 +180,12 @@ class Client:
         metrics = {d: self._score(d, ins.split) for d in self.data}
         n = sum(len(self.data[d][ins.split].y) for d in self.data)
         return EvaluateRes(cid=self.cid, split=ins.split, metrics=metrics, num_examples=n)
+
+    def finetune(self, ins: FitIns, split: str = "test") -> EvaluateRes:
+        """Downstream fine-tuning: train as :meth:`fit` does, then score on the client's own
+        ``split``. Only the metrics leave the client, not the fine-tuned weights."""
+        res = self.fit(ins)
+        return self.evaluate(EvaluateIns(res.state, split))
 
     # -- internals -------------------------------------------------------------------------
     def _load(self, state: State, fresh_heads: tuple[str, ...], seed: int) -> None:

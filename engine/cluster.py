@@ -23,7 +23,7 @@ def connect(address: str | None = None) -> None:
         with warnings.catch_warnings():  # a note about a future default we already rely on
             warnings.filterwarnings("ignore", message=".*RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO",
                                     category=FutureWarning)
-            ray.init(include_dashboard=False, log_to_driver=True)
+            ray.init(log_to_driver=True)  # the dashboard serves the State API Ray Train uses
 
 
 def alive_nodes() -> list[dict[str, float]]:

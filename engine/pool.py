@@ -20,11 +20,13 @@ from engine.actors import ClientActor
 from engine.client import ClientSpec
 from engine.cluster import alive_nodes
 from engine.config import ExperimentConfig
-from engine.progress import RunProgress
 from engine.resources import ResourceError, check_capacity
 from strategies.types import ClientInfo, State
 
 logger = logging.getLogger(__name__)
+
+Observer = Callable[[str, str, Any], None]
+"""Sees ``(client id, method, message)`` for everything a client actor sends back."""
 
 
 def split_shared(states: Sequence[Mapping[str, Any]]) -> tuple[State, list[State]]:
@@ -44,16 +46,23 @@ class ActorPool:
     """``K`` client actors serving ``N >= K`` clients; client ``i`` lives on actor ``i % K``."""
 
     def __init__(self, actors: list[Any], home: dict[str, int], infos: dict[str, ClientInfo],
-                 max_retries: int, ready_timeout_s: float) -> None:
+                 max_retries: int, ready_timeout_s: float,
+                 observers: Sequence[Observer] = ()) -> None:
         self.actors = actors
         self.home = home
         self._infos = infos
         self.max_retries = max_retries
         self.ready_timeout_s = ready_timeout_s
+        self.observers = list(observers)
 
     @classmethod
-    def start(cls, cfg: ExperimentConfig, specs: Sequence[ClientSpec]) -> ActorPool:
-        """Check capacity, start the actors, load every client's data and onboard it."""
+    def start(cls, cfg: ExperimentConfig, specs: Sequence[ClientSpec],
+              observers: Sequence[Observer] = ()) -> ActorPool:
+        """Check capacity, start the actors, load every client's data and onboard it.
+
+        ``observers`` see every object a client actor sends back (onboarding announcements
+        and task results), e.g. to audit that only weights and metrics leave a client.
+        """
         res = cfg.clients
         count = min(res.num_actors or len(specs), len(specs))
         check_capacity(alive_nodes(), count, res.num_cpus, res.num_gpus)
@@ -64,9 +73,7 @@ class ActorPool:
             home[spec.cid] = i % count
         actors = [ClientActor.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus,
                                       max_restarts=res.max_restarts, max_task_retries=0)
-                  .remote(group, cfg.model, cfg.train, seed=cfg.seed,
-                          max_train_samples=cfg.data.max_train_samples,
-                          max_eval_samples=cfg.data.max_eval_samples,
+                  .remote(group, cfg.model, cfg.train, cfg.data, seed=cfg.seed,
                           num_threads=max(1, int(res.num_cpus)))
                   for group in groups]
         refs = [a.infos.remote() for a in actors]
@@ -84,8 +91,11 @@ class ActorPool:
                 ray.kill(a)
             raise RuntimeError(f"a client actor failed while loading its data: {err}") from err
         infos = {i.cid: i for group in announced for i in group}
+        for info in infos.values():
+            for observe in observers:
+                observe(info.cid, "infos", info)
         logger.info("started %d client actors for %d clients", count, len(specs))
-        return cls(actors, home, infos, res.max_retries, res.ready_timeout_s)
+        return cls(actors, home, infos, res.max_retries, res.ready_timeout_s, observers)
 
     def infos(self) -> dict[str, ClientInfo]:
         """Client id -> onboarding announcement."""
@@ -95,8 +105,9 @@ class ActorPool:
         """The actor handle serving client ``cid``."""
         return self.actors[self.home[cid]]
 
-    def run(self, method: str, instructions: Mapping[str, Any], progress: RunProgress,
-            on_submitted: Callable[[], None] | None = None
+    def run(self, method: str, instructions: Mapping[str, Any],
+            on_done: Callable[[], None] | None = None,
+            on_submitted: Callable[[], object] | None = None
             ) -> tuple[dict[str, Any], dict[str, str]]:
         """Call ``method`` (``fit`` or ``evaluate``) on every client; retry after crashes.
 
@@ -120,13 +131,16 @@ class ActorPool:
             on_submitted()
         results: dict[str, Any] = {}
         failures: dict[str, str] = {}
+        done = on_done or (lambda: None)
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
             for ref in ready:
                 cid, attempt = pending.pop(ref)
                 try:
                     results[cid] = ray.get(ref)
-                    progress.client_done()
+                    for observe in self.observers:
+                        observe(cid, method, results[cid])
+                    done()
                 except RayActorError as err:
                     if attempt < self.max_retries and self._await_restart(cid):
                         logger.warning("client %s: actor died during %s (%s); retry %d/%d",
@@ -135,10 +149,10 @@ class ActorPool:
                         pending[submit(cid)] = (cid, attempt + 1)
                     else:
                         failures[cid] = f"actor died: {err}"
-                        progress.client_done()
+                        done()
                 except RayTaskError as err:
                     failures[cid] = f"task error: {err}"
-                    progress.client_done()
+                    done()
         return results, failures
 
     def _await_restart(self, cid: str) -> bool:

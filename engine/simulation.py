@@ -1,27 +1,20 @@
-"""The one round loop: client actors, strategies, federated evaluation, checkpoints."""
+"""The one round loop: strategy, client actors, federated evaluation, checkpoints."""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
-from datetime import datetime
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from engine.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
-from engine.client import ClientSpec, derive_seed
-from engine.config import ExperimentConfig, from_dict, to_dict
-from engine.data import ShardBuilder, domain_catalog, resolve_cache_dir, resolve_data_root
-from engine.data.prepare import MedNISTSplitSettings
+from engine.checkpoint import Checkpoint, save_checkpoint
+from engine.config import ExperimentConfig, to_dict
 from engine.history import History
-from engine.models import build_model
 from engine.progress import RunProgress
 from engine.storage import Storage
 from strategies import Strategy, create_strategy, nonfinite_keys
@@ -52,110 +45,84 @@ class Callback:
     def on_tasks_submitted(self, sim: Simulation, phase: str, server_round: int) -> None:
         """Called right after a round's ``fit`` or ``evaluate`` tasks were submitted."""
 
+    def on_client_message(self, cid: str, method: str, message: Any) -> None:
+        """Called with every object a client actor sends back to the driver, in every phase
+        (onboarding, rounds, evaluations, baselines)."""
+
     def on_round_end(self, sim: Simulation, server_round: int) -> None:
         """Called after a round was aggregated, evaluated and checkpointed."""
 
 
-def resolve_paths(cfg: ExperimentConfig, data_root: str | None = None,
-                  cache_dir: str | None = None) -> ExperimentConfig:
-    """Fix the data root and cache folder to absolute paths, so the saved config replays."""
-    data = replace(cfg.data,
-                   data_root=str(resolve_data_root(data_root or cfg.data.data_root)),
-                   cache_dir=str(resolve_cache_dir(cache_dir or cfg.data.cache_dir)))
-    return replace(cfg, data=data)
-
-
-def client_specs(cfg: ExperimentConfig, pooled: bool) -> tuple[list[ClientSpec], ClientSpec | None]:
-    """Build (once) the shards of every client, and the pooled oracle client if asked."""
-    catalog = domain_catalog(dict(cfg.data.extra_domains))
-    unknown = [d for d in cfg.data.domains if d not in catalog]
-    if unknown:
-        raise ValueError(f"data.domains: unknown domain(s) {unknown}; known: {list(catalog)}")
-    builder = ShardBuilder(catalog, Path(cfg.data.data_root or ""), Path(cfg.data.cache_dir or ""),
-                           mednist=MedNISTSplitSettings(seed=cfg.data.mednist_seed),
-                           download=cfg.data.download)
-    specs: list[ClientSpec] = []
-    for domain in cfg.data.domains:
-        if cfg.data.clients_per_domain == 1:
-            paths = [builder.domain(domain)]
-            cids = [domain]
-        else:
-            paths = builder.partitions(domain, cfg.data.clients_per_domain,
-                                       scheme=cfg.data.partition, seed=cfg.seed,
-                                       alpha=cfg.data.dirichlet_alpha)
-            cids = [f"{domain}#{i}" for i in range(len(paths))]
-        specs += [ClientSpec(cid, {domain: {s: str(p) for s, p in ps.items()}})
-                  for cid, ps in zip(cids, paths, strict=True)]
-    pooled_spec = None
-    if pooled:
-        pooled_spec = ClientSpec(POOLED_CID, {d: {s: str(p) for s, p in builder.domain(d).items()}
-                                              for d in cfg.data.domains})
-    return specs, pooled_spec
-
-
-def initial_encoder(cfg: ExperimentConfig) -> dict[str, torch.Tensor]:
-    """The random initial global encoder, reproducible from ``cfg.seed``."""
-    torch.manual_seed(derive_seed(cfg.seed, "initial-encoder"))
-    model = build_model(cfg.model, {})
-    return {k: v.detach().clone() for k, v in model.state_dict().items()
-            if k.startswith("encoder.")}
+def make_strategy(cfg: ExperimentConfig) -> Strategy:
+    """The configured strategy, given every option it may declare."""
+    options = {**to_dict(cfg.strategy), "distill": cfg.distill, "seed": cfg.seed}
+    return create_strategy(cfg.strategy.name, options)
 
 
 class Simulation:
-    """Runs one experiment on a pool of client actors.
+    """Runs one strategy on a started pool of client actors.
 
     Parameters
     ----------
     cfg
-        The experiment (paths already resolved, see :func:`resolve_paths`).
+        The experiment.
     storage
-        The run directory.
-    quiet
-        Hide the progress display.
-    callbacks
-        Hooks into the round loop.
+        The run directory (config, history, summary, checkpoints).
+    actors
+        A started :class:`~engine.pool.ActorPool` (shared by every run of a session).
+    encoder
+        The initial global encoder (random or the MIM base).
+    distiller
+        The server's distillation service, for strategies that distil.
+    quiet, callbacks
+        Progress display and hooks.
     """
 
-    def __init__(self, cfg: ExperimentConfig, storage: Storage, *, quiet: bool = False,
-                 callbacks: Sequence[Callback] = ()) -> None:
+    def __init__(self, cfg: ExperimentConfig, storage: Storage, actors: Any,
+                 encoder: dict[str, torch.Tensor], *, distiller: Any = None,
+                 quiet: bool = False, callbacks: Sequence[Callback] = ()) -> None:
         self.cfg = cfg
         self.storage = storage
+        self.actors = actors
         self.quiet = quiet
         self.callbacks = list(callbacks)
         self.history = History()
-        self.strategy: Strategy = create_strategy(cfg.strategy.name, to_dict(cfg.strategy))
-        self.pool: Any = None  # engine.pool.ActorPool, created in start()
         self.failures: list[dict[str, Any]] = []
-
-    # -- lifecycle -------------------------------------------------------------------------
-    def start(self) -> None:
-        """Build shards, check resources, start the actors and onboard the clients."""
-        from engine.pool import ActorPool
-
-        specs, pooled = client_specs(self.cfg, self.strategy.pooled)
-        self.eval_cids = [s.cid for s in specs]
-        self.fit_cids = [POOLED_CID] if pooled else list(self.eval_cids)
-        self.pool = ActorPool.start(self.cfg, specs + ([pooled] if pooled else []))
-        infos = self.pool.infos()
+        self.strategy = make_strategy(cfg)
+        infos = actors.infos()
+        order = {d: i for i, d in enumerate(cfg.data.domains)}
+        self.eval_cids = sorted((c for c in infos if c != POOLED_CID),
+                                key=lambda c: (min(order.get(d, len(order))
+                                                   for d in infos[c].domains), c))
+        if self.strategy.pooled:
+            if POOLED_CID not in infos:
+                raise RunError(f"strategy {cfg.strategy.name!r} needs the pooled client")
+            self.fit_cids = [POOLED_CID]
+        else:
+            self.fit_cids = list(self.eval_cids)
         self.strategy.initialize([infos[c] for c in self.fit_cids + self.eval_cids
-                                  if c in infos], initial_encoder(self.cfg))
+                                  if c in infos], encoder)
+        if hasattr(self.strategy, "distiller"):
+            self.strategy.distiller = distiller
+        self.rounds = self.strategy.num_rounds(cfg.strategy.rounds)
 
-    def shutdown(self) -> None:
-        """Stop the actors."""
-        if self.pool is not None:
-            self.pool.shutdown()
-            self.pool = None
+    def restore(self, checkpoint: Checkpoint) -> int:
+        """Load a checkpoint; returns the first round still to run."""
+        self.strategy.load_state_dict(checkpoint.strategy)
+        self.history = checkpoint.history
+        self.history.truncate(checkpoint.round)
+        return checkpoint.round + 1
 
     # -- the loop --------------------------------------------------------------------------
     def run(self, start_round: int = 1) -> RunResult:
-        """Run rounds ``start_round .. strategy.rounds``, then the final test evaluation."""
-        rounds = self.cfg.strategy.rounds
-        with RunProgress(rounds, len(self.fit_cids), disable=self.quiet) as progress:
+        """Run rounds ``start_round .. rounds``, then the final federated test evaluation."""
+        with RunProgress(self.rounds, len(self.fit_cids), disable=self.quiet) as progress:
             progress.advance_rounds(start_round - 1)
-            for server_round in range(start_round, rounds + 1):
+            for server_round in range(start_round, self.rounds + 1):
                 self._fit_round(server_round, progress)
                 self._evaluate(server_round, "val", progress)
-                if server_round % self.cfg.run.checkpoint_every == 0 or server_round == rounds:
+                if (server_round % self.cfg.run.checkpoint_every == 0
+                        or server_round == self.rounds):
                     save_checkpoint(self.storage, Checkpoint(server_round,
                                                              self.strategy.state_dict(),
                                                              self.history),
@@ -164,12 +131,18 @@ class Simulation:
                 progress.advance_rounds(1)
                 for cb in self.callbacks:
                     cb.on_round_end(self, server_round)
-            self._evaluate(rounds, "test", progress)
+            self._evaluate(self.rounds, "test", progress)
         self._write_history()
-        summary = self._summary()
+        summary = self.summary()
         self.storage.write_text("summary.json", json.dumps(summary, indent=2))
         return RunResult(self.storage.uri, self.cfg, self.history, summary,
                          self.strategy.state_dict())
+
+    def _dispatch(self, method: str, instructions: dict[str, Any], server_round: int,
+                  progress: RunProgress) -> tuple[dict[str, Any], dict[str, str]]:
+        return self.actors.run(
+            method, instructions, progress.client_done,
+            lambda: [cb.on_tasks_submitted(self, method, server_round) for cb in self.callbacks])
 
     def _fit_round(self, server_round: int, progress: RunProgress) -> None:
         instructions = self.strategy.configure_fit(server_round, self.fit_cids)
@@ -177,8 +150,7 @@ class Simulation:
             ins.config = {**ins.config, "round": server_round, "seed": self.cfg.seed}
         progress.start_phase(f"round {server_round} fit", len(instructions))
         started = time.perf_counter()
-        results, failures = self.pool.run("fit", instructions, progress,
-                                          lambda: self._notify("fit", server_round))
+        results, failures = self._dispatch("fit", instructions, server_round, progress)
         seconds = time.perf_counter() - started
         valid: dict[str, FitRes] = {}
         for cid in sorted(results):
@@ -191,18 +163,19 @@ class Simulation:
             valid[cid] = res
             self.history.add(server_round, cid, "fit", res.metrics)
         for cid, reason in failures.items():
-            if cid in results:
-                continue
-            kind = "actor_died" if "actor" in reason.lower() else "task_error"
-            self._record_failure(server_round, cid, kind, reason)
+            if cid not in results:
+                kind = "actor_died" if reason.startswith("actor died") else "task_error"
+                self._record_failure(server_round, cid, kind, reason)
         needed = math.ceil(self.cfg.clients.min_fit_fraction * len(instructions))
         if len(valid) < needed:
             raise RunError(f"round {server_round}: only {len(valid)} of {len(instructions)} "
                            f"clients returned a valid update, {needed} needed "
                            f"(clients.min_fit_fraction={self.cfg.clients.min_fit_fraction}); "
                            f"failures: {failures}")
+        epochs = max((float(ins.config.get("epochs", self.cfg.train.local_epochs))
+                      for ins in instructions.values()), default=0.0)
+        samples = sum(r.num_examples for r in valid.values()) * epochs
         server_metrics = self.strategy.aggregate_fit(server_round, valid, failures)
-        samples = sum(r.num_examples for r in valid.values()) * self.cfg.train.local_epochs
         server_metrics = {**server_metrics, "fit_seconds": seconds,
                           "fit_samples_per_s": samples / max(seconds, 1e-9)}
         self.history.add(server_round, "", "server", server_metrics)
@@ -210,8 +183,7 @@ class Simulation:
     def _evaluate(self, server_round: int, split: str, progress: RunProgress) -> None:
         instructions = self.strategy.configure_evaluate(server_round, self.eval_cids, split)
         progress.start_phase(f"round {server_round} {split}", len(instructions))
-        results, failures = self.pool.run("evaluate", instructions, progress,
-                                          lambda: self._notify("evaluate", server_round))
+        results, failures = self._dispatch("evaluate", instructions, server_round, progress)
         for cid in sorted(results):
             res: EvaluateRes = results[cid]
             for domain, metrics in res.metrics.items():
@@ -220,10 +192,6 @@ class Simulation:
             self._record_failure(server_round, cid, f"{split}_failed", reason)
 
     # -- bookkeeping -----------------------------------------------------------------------
-    def _notify(self, phase: str, server_round: int) -> None:
-        for cb in self.callbacks:
-            cb.on_tasks_submitted(self, phase, server_round)
-
     def _record_failure(self, server_round: int, cid: str, kind: str, reason: str) -> None:
         logger.warning("round %d: client %s %s: %s", server_round, cid, kind, reason)
         self.history.add(server_round, cid, "failure", {kind: 1.0})
@@ -233,7 +201,8 @@ class Simulation:
     def _write_history(self) -> None:
         self.storage.write_bytes("history.parquet", self.history.to_parquet_bytes())
 
-    def _summary(self) -> dict[str, Any]:
+    def summary(self) -> dict[str, Any]:
+        """Final per-domain test metrics (mean over a domain's clients) and run facts."""
         test = {m: self.history.latest("test", m) for m in ("auc", "acc")}
         domains: dict[str, dict[str, float]] = {}
         for domain in self.cfg.data.domains:
@@ -246,94 +215,7 @@ class Simulation:
         throughput = [r.value for r in self.history.records
                       if r.phase == "server" and r.metric == "fit_samples_per_s"]
         return {"name": self.cfg.name, "strategy": self.cfg.strategy.name,
-                "rounds": self.cfg.strategy.rounds, "domains": domains,
+                "rounds": self.rounds, "seed": self.cfg.seed, "domains": domains,
                 "mean_test_auc": sum(aucs) / len(aucs) if aucs else math.nan,
                 "fit_samples_per_s": sum(throughput) / len(throughput) if throughput else None,
                 "failures": self.failures}
-
-
-# -- the public API --------------------------------------------------------------------------
-def _run_dir(cfg: ExperimentConfig, out: str | os.PathLike[str] | None) -> Storage:
-    if out is not None:
-        return Storage(out)
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = cfg.run.storage_path.rstrip("/")
-    return Storage(f"{base}/{cfg.name}-{stamp}")
-
-
-def run(cfg: ExperimentConfig, *, out: str | os.PathLike[str] | None = None,
-        data_root: str | None = None, quiet: bool = False,
-        callbacks: Sequence[Callback] = ()) -> RunResult:
-    """Run an experiment end to end and write its run directory.
-
-    Parameters
-    ----------
-    cfg
-        The experiment config (see :func:`engine.config.load_config`).
-    out
-        Run directory (local path or pyarrow URI); default
-        ``<run.storage_path>/<name>-<timestamp>``.
-    data_root
-        Overrides ``data.data_root``.
-    quiet
-        No progress display.
-    callbacks
-        Hooks into the round loop.
-
-    Returns
-    -------
-    RunResult
-        Run directory, history, summary and the final strategy state.
-    """
-    from engine.cluster import connect
-
-    cfg = resolve_paths(cfg, data_root)
-    storage = _run_dir(cfg, out)
-    if storage.exists("config.yaml"):
-        raise RunError(f"{storage.uri} already holds a run; use `umim resume {storage.uri}`")
-    connect(cfg.run.address)
-    sim = Simulation(cfg, storage, quiet=quiet, callbacks=callbacks)
-    try:
-        sim.start()
-        storage.write_text("config.yaml", _yaml(cfg))
-        return sim.run()
-    finally:
-        sim.shutdown()
-
-
-def resume(run_dir: str | os.PathLike[str], *, quiet: bool = False,
-           callbacks: Sequence[Callback] = ()) -> RunResult:
-    """Continue a run from its newest complete checkpoint (or from scratch if it has none)."""
-    from engine.cluster import connect
-
-    storage = Storage(run_dir)
-    if not storage.exists("config.yaml"):
-        raise RunError(f"{storage.uri} holds no config.yaml: not a umim run directory")
-    cfg = _config_from_yaml(storage.read_text("config.yaml"))
-    checkpoint = latest_checkpoint(storage)
-    connect(cfg.run.address)
-    sim = Simulation(cfg, storage, quiet=quiet, callbacks=callbacks)
-    try:
-        sim.start()
-        start = 1
-        if checkpoint is not None:
-            sim.strategy.load_state_dict(checkpoint.strategy)
-            sim.history = checkpoint.history
-            sim.history.truncate(checkpoint.round)
-            start = checkpoint.round + 1
-            logger.info("resuming %s after round %d", storage.uri, checkpoint.round)
-        return sim.run(start_round=start)
-    finally:
-        sim.shutdown()
-
-
-def _yaml(cfg: ExperimentConfig) -> str:
-    import yaml
-
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
-
-
-def _config_from_yaml(text: str) -> ExperimentConfig:
-    import yaml
-
-    return from_dict(ExperimentConfig, yaml.safe_load(text))

@@ -39,6 +39,10 @@ class Strategy(ABC):
         self.encoder: State = {}
         self.heads: dict[str, State] = {}
 
+    def num_rounds(self, configured: int) -> int:
+        """How many rounds the run has (``strategy.rounds`` unless the strategy decides)."""
+        return configured
+
     def initialize(self, clients: Sequence[ClientInfo], encoder: State) -> None:
         """Onboard ``clients`` with the initial global ``encoder`` (random or pretrained)."""
         self.clients = {c.cid: c for c in clients}

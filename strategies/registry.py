@@ -10,9 +10,10 @@ from strategies.centralised import Centralised
 from strategies.fedavg import FedAvg
 from strategies.fedprox import FedProx
 from strategies.local import LocalOnly
+from strategies.universal import Universal
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (FedAvg, FedProx, LocalOnly, Centralised)
+    cls.name: cls for cls in (Universal, FedAvg, FedProx, LocalOnly, Centralised)
 }
 
 

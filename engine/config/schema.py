@@ -12,6 +12,7 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 from engine.data.catalog import MISSION_DOMAINS
+from strategies.distill import DistillSettings
 
 
 @dataclass(frozen=True)
@@ -147,19 +148,102 @@ class ClientsConfig:
 
 @dataclass(frozen=True)
 class StrategyConfig:
-    """Which strategy runs and its round schedule.
+    """Which strategy runs and its schedule.
 
     ``name`` is one of the registered strategies (``umim strategies`` lists them):
-    ``fedavg``, ``fedprox``, ``local``, ``centralised``.
+    ``universal``, ``fedavg``, ``fedprox``, ``local``, ``centralised``.
+
+    Attributes
+    ----------
+    rounds
+        Rounds of the FL strategies (the universal strategy runs
+        ``stages x rounds_per_stage`` rounds instead).
+    proximal_mu
+        FedProx's proximal weight.
+    stages
+        Universal: explicit domain lists, one per stage (e.g. ``[[breast, retina], [...]]``);
+        empty means ``num_stages`` consecutive chunks of ``data.domains``.
+    num_stages, rounds_per_stage
+        Universal: how many stages, and rounds (fine-tune + distil) within each.
+    local_epochs
+        Universal: epochs of local fine-tuning per round (``None``: ``train.local_epochs``).
+    select_on_val
+        Universal: clients keep the epoch with the best private val AUC.
     """
 
     name: str = "fedavg"
     rounds: int = 2
     proximal_mu: float = 0.01
+    stages: tuple[tuple[str, ...], ...] = ()
+    num_stages: int = 2
+    rounds_per_stage: int = 1
+    local_epochs: int | None = None
+    select_on_val: bool = True
 
     def __post_init__(self) -> None:
-        if self.rounds < 1:
-            raise ValueError("strategy.rounds must be >= 1")
+        if self.rounds < 1 or self.num_stages < 1 or self.rounds_per_stage < 1:
+            raise ValueError("strategy.rounds, num_stages and rounds_per_stage must be >= 1")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """The server's base encoder: random (``none``) or masked image modelling (``mim``).
+
+    The MAE (MONAI ``MaskedAutoEncoderViT``) uses the encoder sizes of ``model``; its
+    decoder is sized here. A base with the same settings and pool is trained once and
+    reused from the cache by every later experiment.
+    """
+
+    method: Literal["none", "mim"] = "none"
+    mask_ratio: float = 0.75
+    epochs: int = 5
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    decoder_hidden_size: int = 64
+    decoder_mlp_dim: int = 128
+    decoder_num_layers: int = 2
+    decoder_num_heads: int = 4
+    num_workers: int = 1
+    use_gpu: bool = False
+    gpus_per_worker: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ValueError("pretrain.mask_ratio must be in (0, 1)")
+        if self.epochs < 1 or self.batch_size < 1 or self.num_workers < 1:
+            raise ValueError("pretrain.epochs, batch_size and num_workers must be >= 1")
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """What is measured after the main run (all federated: clients return metrics only).
+
+    Attributes
+    ----------
+    finetune_epochs
+        Budget of downstream fine-tuning, the same from the global encoder and from the
+        MIM base (the paper's baseline); 0 skips it.
+    seeds
+        Seeds of the downstream fine-tuning (paired over domains x seeds).
+    lodo_domains
+        Leave-one-domain-out: for each, a global model is distilled without it and the
+        held-out domain is fine-tuned from it vs from the MIM base.
+    baselines
+        Strategies run on the same data and base for the comparison table, e.g.
+        ``[fedavg, fedprox, local, centralised]``.
+    baseline_rounds
+        Rounds of each baseline (``None``: ``strategy.rounds``).
+    baseline_seeds
+        Seeds of each baseline (``None``: just ``seed``).
+    """
+
+    finetune_epochs: int = 0
+    seeds: tuple[int, ...] = (0, 1, 2)
+    lodo_domains: tuple[str, ...] = ()
+    baselines: tuple[str, ...] = ()
+    baseline_rounds: int | None = None
+    baseline_seeds: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -183,4 +267,15 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     clients: ClientsConfig = field(default_factory=ClientsConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    distill: DistillSettings = field(default_factory=DistillSettings)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        unknown = [d for stage in self.strategy.stages for d in stage
+                   if d not in self.data.domains]
+        unknown += [d for d in self.evaluation.lodo_domains if d not in self.data.domains]
+        if unknown:
+            raise ValueError(f"strategy.stages / evaluation.lodo_domains name domains that are "
+                             f"not in data.domains: {unknown}")

@@ -65,6 +65,26 @@ def _mednist_source(data_root: Path) -> Path | None:
     return folder if folder.is_dir() else tarball if tarball.exists() else None
 
 
+@dataclass(frozen=True)
+class ShardRecipe:
+    """How to find (or build) one client's shards on whatever node it runs: a domain, or
+    part ``index`` of a ``num_clients``-way partition of it."""
+
+    domain: str
+    num_clients: int = 1
+    index: int = 0
+    scheme: PartitionScheme = "iid"
+    seed: int = 0
+    alpha: float = 0.5
+
+    def resolve(self, builder: ShardBuilder) -> ShardPaths:
+        """The shard paths on this node (built now if this node has none yet)."""
+        if self.num_clients == 1:
+            return builder.domain(self.domain)
+        return builder.partitions(self.domain, self.num_clients, scheme=self.scheme,
+                                  seed=self.seed, alpha=self.alpha)[self.index]
+
+
 class ShardBuilder:
     """Writes (once) and locates the shards of domains and of the server's pool.
 

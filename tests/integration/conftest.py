@@ -12,6 +12,6 @@ import ray
 def ray_local() -> Iterator[None]:
     """Ray on this machine with 2 CPUs (as in CI), started once per session."""
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=2, log_to_driver=False)
     yield
     ray.shutdown()

@@ -17,7 +17,8 @@ import torch
 
 from engine.config import ExperimentConfig, load_config
 from engine.resources import ResourceError
-from engine.simulation import Callback, RunError, Simulation, resume, run
+from engine.simulation import Callback, RunError, Simulation
+from engine.study import resume, run
 from strategies.fedavg import FedAvg
 from strategies.registry import register_strategy
 
@@ -69,7 +70,7 @@ def test_virtual_clients_share_actors(tmp_path: Path, data_root: Path, shard_cac
 
     class Inspect(Callback):
         def on_round_end(self, sim: Simulation, server_round: int) -> None:
-            seen["actors"] = sim.pool.describe()
+            seen["actors"] = sim.actors.describe()
 
     cfg = _smoke(shard_cache, "data.domains=[pneumonia]", "data.clients_per_domain=6",
                  "data.partition=dirichlet", "data.max_train_samples=64",
@@ -92,12 +93,12 @@ class KillOneActor(Callback):
         if phase == "fit" and server_round == 2 and self.killed is None:
             import ray
 
-            pid = ray.get(sim.pool.actor_of("breast").describe.remote())["pid"]
+            pid = ray.get(sim.actors.actor_of("breast").describe.remote())["pid"]
             os.kill(pid, signal.SIGKILL)
             self.killed = pid
 
     def on_round_end(self, sim: Simulation, server_round: int) -> None:
-        self.after = [a["pid"] for a in sim.pool.describe()]
+        self.after = [a["pid"] for a in sim.actors.describe()]
 
 
 def test_kill_9_of_a_client_actor_does_not_lose_the_round(tmp_path: Path, data_root: Path,

@@ -1,0 +1,158 @@
+"""The universal strategy end to end: the README's quickstart, its report and a privacy audit
+of every object that left a client."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from engine.cli import main as cli
+from engine.config import load_config
+from engine.models import build_model
+from engine.simulation import Callback
+from engine.study import resume, run
+from strategies.types import ClientInfo, EvaluateRes, FitRes
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_local")]
+REPO = Path(__file__).resolve().parents[2]
+METHODS = ["universal", "universal+ft", "mim", "lodo:universal+ft", "lodo:mim", "fedavg",
+           "fedprox", "local", "centralised"]
+
+
+class PrivacyAudit(Callback):
+    """Records every object a client actor sends back to the driver."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, str, Any]] = []
+
+    def on_client_message(self, cid: str, method: str, message: Any) -> None:
+        self.messages.append((cid, method, message))
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, int | float | bool) and not isinstance(value, torch.Tensor)
+
+
+def _assert_weights_only(state: dict[str, torch.Tensor], reference: dict[str, torch.Size]
+                         ) -> None:
+    for key, tensor in state.items():
+        assert key in reference, f"{key} is not a model weight"
+        assert tensor.shape == reference[key], f"{key} has shape {tensor.shape}"
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory: pytest.TempPathFactory, data_root: Path, shard_cache: Path
+               ) -> tuple[Path, Any, PrivacyAudit]:
+    audit = PrivacyAudit()
+    cfg = load_config(REPO / "experiments" / "quickstart.yaml", [f"data.cache_dir={shard_cache}"])
+    out = tmp_path_factory.mktemp("quickstart") / "run"
+    result = run(cfg, out=out, data_root=str(data_root), quiet=True, callbacks=[audit])
+    return out, result, audit
+
+
+def test_quickstart_reports_every_method_and_domain(quickstart: tuple[Path, Any, PrivacyAudit]
+                                                    ) -> None:
+    out, result, _ = quickstart
+    summary = json.loads((out / "summary.json").read_text())
+    domains = load_config(REPO / "experiments" / "quickstart.yaml").data.domains
+    assert list(summary["methods"]) == METHODS
+    for method in METHODS:
+        expected = ["breast"] if method.startswith("lodo") else list(domains)
+        rows = summary["methods"][method]
+        assert sorted(rows) == sorted(expected), method
+        for domain in expected:
+            auc = rows[domain]["auc"]["mean"]
+            assert 0.0 <= auc <= 1.0 and not math.isnan(auc), (method, domain)
+    assert summary["methods"]["mim"]["breast"]["auc"]["n"] == 2  # two seeds
+    downstream = [c for c in summary["comparisons"] if c["kind"] == "downstream"]
+    assert {c["metric"] for c in downstream} == {"auc", "acc"}
+    assert all(c["n"] == 16 for c in downstream)  # 8 domains x 2 seeds
+    assert 0.0 <= downstream[0]["wilcoxon_p"] <= 1.0 and 0.0 <= downstream[0]["ttest_p"] <= 1.0
+    assert isinstance(summary["claim"]["held"], bool)
+    assert summary["base"]["method"] == "mim" and len(summary["base"]["curve"]) == 3
+    curves = json.loads((out / "distill_curves.json").read_text())
+    assert sorted(curves) == ["1", "2"] and all(0 <= r["agreement"] <= 1 for r in curves["1"])
+    # knowledge accumulates: after stage two the global model has all eight heads
+    heads = {k.split(".")[1] for k in result.strategy_state["global_heads"]}
+    assert heads == set(domains)
+
+    assert cli(["report", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    for name in [*METHODS, *domains, "Wilcoxon", "The paper's claim"]:
+        assert name in report, name
+    for png in ("auc_by_method.png", "distill_curves.png", "mim_loss.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_only_weights_and_scalar_metrics_leave_the_clients(
+        quickstart: tuple[Path, Any, PrivacyAudit]) -> None:
+    out, _, audit = quickstart
+    cfg = load_config(out / "config.yaml")
+    domains = cfg.data.domains
+    infos = {cid: m for cid, method, m in audit.messages if method == "infos"}
+    heads = {d: infos[d].num_classes[d] for d in domains}
+    reference = {k: v.shape for k, v in build_model(cfg.model, heads).state_dict().items()}
+    methods = {method for _, method, _ in audit.messages}
+    assert methods == {"infos", "fit", "evaluate", "finetune"}
+    for cid, method, message in audit.messages:
+        if method == "infos":
+            assert isinstance(message, ClientInfo)
+            assert all(isinstance(v, str) for v in message.tasks.values())
+            assert all(isinstance(v, int) for v in message.num_classes.values())
+            assert isinstance(message.num_train, int)
+        elif method == "fit":
+            assert isinstance(message, FitRes) and message.cid == cid
+            _assert_weights_only(message.state, reference)
+            assert all(_is_scalar(v) for v in message.metrics.values())
+            assert isinstance(message.num_examples, int)
+        else:  # evaluate and finetune return metrics only
+            assert isinstance(message, EvaluateRes)
+            for metrics in message.metrics.values():
+                assert all(_is_scalar(v) for v in metrics.values())
+        assert set(vars(message)) <= {"cid", "state", "num_examples", "metrics", "split",
+                                      "domains", "tasks", "num_classes", "num_train"}
+
+
+def test_a_finished_run_resumes_without_redoing_work(
+        quickstart: tuple[Path, Any, PrivacyAudit]) -> None:
+    out, result, _ = quickstart
+    before = (out / "results.parquet").read_bytes()
+    again = resume(out, quiet=True)
+    assert (out / "results.parquet").read_bytes() == before
+    assert again.summary["methods"] == result.summary["methods"]
+
+
+def test_distillation_with_two_ddp_workers(tmp_path: Path, data_root: Path, shard_cache: Path
+                                           ) -> None:
+    from dataclasses import replace
+
+    from engine.distill import RayTrainDistiller
+    from engine.session import resolve_paths
+    from strategies.distill import DistillRequest, DistillSettings, Teacher
+
+    cfg = resolve_paths(load_config(REPO / "experiments" / "quickstart.yaml",
+                                    [f"data.cache_dir={shard_cache}", "data.pool_size=400"]),
+                        str(data_root))
+    model = build_model(cfg.model, {"breast": 2, "retina": 5})
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    teachers = [Teacher(cid=d, domain=d, task=t, num_classes=n,
+                        state={k: v for k, v in state.items()
+                               if k.startswith("encoder.") or k.startswith(f"heads.{d}.")})
+                for d, t, n in (("breast", "binary", 2), ("retina", "ordinal", 5))]
+    settings = replace(DistillSettings(), steps=6, eval_every=3, batch_size=32, num_workers=2)
+    request = DistillRequest(student={k: v for k, v in state.items()
+                                      if k.startswith("encoder.")},
+                             teachers=teachers, previous={},
+                             heads={"breast": ("binary", 2), "retina": ("ordinal", 5)},
+                             settings=settings, tag="ddp-test")
+    result = RayTrainDistiller(cfg.model, cfg.data, str(tmp_path / "train")).distil(request)
+    assert set(result.state) == set(state)
+    assert all(torch.isfinite(v).all() for v in result.state.values())
+    assert [r["step"] for r in result.curve] == [3.0, 6.0]
+    # the students start as the teachers here, so they agree from the start
+    assert result.metrics["distill_agreement"] > 0.9

@@ -24,9 +24,11 @@ class ClientHost:
     def __init__(self, specs: Sequence[ClientSpec], model: ModelConfig, train: TrainConfig,
                  data: DataConfig, *, seed: int, num_threads: int) -> None:
         torch.set_num_threads(max(1, num_threads))
+        models: dict[tuple, Any] = {}  # one network per head layout, shared by the clients
         self.clients = {s.cid: Client(s.resolve(data), model, train, seed=seed,
                                       max_train_samples=data.max_train_samples,
-                                      max_eval_samples=data.max_eval_samples) for s in specs}
+                                      max_eval_samples=data.max_eval_samples, models=models)
+                        for s in specs}
 
     def infos(self) -> list[ClientInfo]:
         """Onboarding announcements of every client served here."""

@@ -90,6 +90,68 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from engine.sweep import sweep
+
+    if args.resume is None and args.sweep_file is None:
+        raise SystemExit("umim sweep: give SWEEP.yaml or --resume DIR")
+    summary = sweep(args.sweep_file, args.overrides, out=args.out, resume=args.resume,
+                    data_root=args.data_root)
+    console = Console(width=max(Console().width, 100))
+    console.print_json(json.dumps(summary, default=str))
+    return 0
+
+
+TINY_VIT = {"arch": "vit", "hidden_size": 32, "mlp_dim": 64, "num_layers": 1, "num_heads": 2}
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from engine.bench.common import machine, print_table
+
+    if args.bench == "fedavg":
+        from engine.bench.fedavg import METHODS, FedAvgWorkload, bench_fedavg
+
+        workload = FedAvgWorkload(clients=args.clients, rounds=args.rounds,
+                                  local_epochs=args.local_epochs, batch_size=args.batch_size,
+                                  samples_per_client=args.samples_per_client,
+                                  actors=args.actors, cpus_per_actor=args.cpus_per_actor,
+                                  gpus_per_actor=args.gpus_per_actor, arch=args.arch)
+        methods = tuple(args.methods.split(",")) if args.methods else METHODS
+        out = bench_fedavg(workload, data_root=args.data_root, methods=methods)
+        if args.json:
+            print(json.dumps({**out, "machine": machine()}, indent=2, default=float))
+            return 0 if out["accuracy_agrees"] else 1
+        columns = ["method", "wall_s", "samples", "samples_per_s",
+                   f"time_vs_{methods[0]}", "speedup_vs_flower", "test_acc", "test_auc"]
+        extra = {"accuracy agrees": f"{out['accuracy_agrees']} (tolerance "
+                 f"{out['tolerance']})", "max weight difference":
+                 f"{out['max_weight_difference']:.2e}", "workload": out["workload"],
+                 "machine": machine()}
+        print_table("umim bench fedavg", out["rows"], columns, args.json, extra)
+        return 0 if out["accuracy_agrees"] else 1
+    if args.bench == "distill":
+        from engine.bench.distill import bench_distill
+
+        out = bench_distill(steps=args.steps, batch_size=args.batch_size,
+                            workers=tuple(int(w) for w in args.workers.split(",")),
+                            pool_size=args.pool_size, data_root=args.data_root,
+                            model=TINY_VIT if args.tiny else None)
+        print_table("umim bench distill", out["rows"],
+                    ["method", "workers", "wall_s", "train_s", "samples_per_s",
+                     "throughput_vs_single"], args.json,
+                    {"workload": out["workload"], "machine": machine()})
+        return 0
+    from engine.bench.scale import bench_scale
+
+    out = bench_scale(clients=args.clients, actors=args.actors or 2, rounds=args.rounds,
+                      data_root=args.data_root)
+    print_table("umim bench scale", out["rows"],
+                ["clients", "actors", "clients_per_actor", "shards_s", "startup_s",
+                 "seconds_per_round", "rounds_per_s", "peak_rss_gb"], args.json,
+                {"machine": machine()})
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from engine.report import write_report
 
@@ -150,6 +212,48 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("run_dir")
     resume.add_argument("--quiet", action="store_true", help="no progress display")
     resume.set_defaults(func=_cmd_resume)
+
+    sweep = commands.add_parser("sweep", help="Ray Tune + Optuna sweep of an experiment")
+    sweep.add_argument("sweep_file", nargs="?", help="sweep YAML, e.g. "
+                       "experiments/sweeps/universal.yaml")
+    sweep.add_argument("overrides", nargs="*", help="dotted overrides of the sweep file, e.g. "
+                       "search.num_samples=8")
+    sweep.add_argument("--out", default=None, help="sweep directory")
+    sweep.add_argument("--data-root", default=None, help="overrides the experiment's data root")
+    sweep.add_argument("--resume", default=None, metavar="DIR",
+                       help="continue an interrupted sweep (finished trials are kept)")
+    sweep.set_defaults(func=_cmd_sweep)
+
+    bench = commands.add_parser("bench", help="benchmarks (tables of side-by-side ratios)")
+    bench_cmds = bench.add_subparsers(dest="bench", required=True)
+    fed = bench_cmds.add_parser("fedavg", help="sequential loop vs this engine vs Flower")
+    fed.add_argument("--clients", type=int, default=8)
+    fed.add_argument("--rounds", type=int, default=2)
+    fed.add_argument("--local-epochs", type=int, default=1)
+    fed.add_argument("--batch-size", type=int, default=128)
+    fed.add_argument("--samples-per-client", type=int, default=None,
+                     help="cap each client's train split (default: the IID share)")
+    fed.add_argument("--actors", type=int, default=None,
+                     help="client actors (default: one per client on GPU, per core on CPU)")
+    fed.add_argument("--cpus-per-actor", type=float, default=None)
+    fed.add_argument("--gpus-per-actor", type=float, default=None)
+    fed.add_argument("--methods", default=None, help="comma list of sequential,engine,flower")
+    fed.add_argument("--arch", default="resnet18", choices=["resnet18", "vit"],
+                     help="resnet18 (the reference workload) or a tiny vit (quick checks)")
+    dis = bench_cmds.add_parser("distill", help="distillation: one process vs Ray Train")
+    dis.add_argument("--steps", type=int, default=100)
+    dis.add_argument("--batch-size", type=int, default=256)
+    dis.add_argument("--workers", default="1,2", help="comma list of Train worker counts")
+    dis.add_argument("--pool-size", type=int, default=4000)
+    dis.add_argument("--tiny", action="store_true", help="a tiny ViT (quick checks)")
+    sca = bench_cmds.add_parser("scale", help="many virtual clients on a few actors")
+    sca.add_argument("--clients", type=int, default=1000)
+    sca.add_argument("--actors", type=int, default=2)
+    sca.add_argument("--rounds", type=int, default=2)
+    for sub in (fed, dis, sca):
+        sub.add_argument("--json", action="store_true", help="print JSON")
+        sub.add_argument("--data-root", default=None)
+    bench.set_defaults(func=_cmd_bench)
 
     report = commands.add_parser("report", help="write report.md and plots for a run")
     report.add_argument("run_dir")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -98,11 +99,16 @@ class Client:
         Optional caps (seeded subsample) of the train split and of val / test.
     device
         Force a device (default: CUDA if visible, else CPU).
+    models
+        A cache of networks shared by the clients of one process (key: the heads), so
+        hundreds of virtual clients in one actor hold one model, not hundreds. Sharing is
+        safe because a client loads the full received state before every use.
     """
 
     def __init__(self, spec: ClientSpec, model: ModelConfig, train: TrainConfig, *,
                  seed: int = 0, max_train_samples: int | None = None,
-                 max_eval_samples: int | None = None, device: str | None = None) -> None:
+                 max_eval_samples: int | None = None, device: str | None = None,
+                 models: dict[tuple, MultiHeadNet] | None = None) -> None:
         if spec.recipes:
             raise ValueError(f"client {spec.cid}: resolve its shard recipes first "
                              "(ClientSpec.resolve)")
@@ -131,9 +137,16 @@ class Client:
         if train.precision == "bf16" and self.device.type != "cuda":
             logger.warning("%s: bf16 requested on %s; training in float32", self.cid,
                            self.device)
-        self.model: MultiHeadNet = build_model(model, self.num_classes).to(self.device)
+        key = tuple(sorted(self.num_classes.items()))
+        shared = models.get(key) if models is not None else None
+        if shared is None:
+            shared = build_model(model, self.num_classes).to(self.device)
+            if train.channels_last and self.device.type == "cuda":
+                shared = shared.to(memory_format=torch.channels_last)
+            if models is not None:
+                models[key] = shared
+        self.model: MultiHeadNet = shared
         if train.channels_last and self.device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
             for splits in self.data.values():
                 for s in splits.values():
                     s.x = s.x.contiguous(memory_format=torch.channels_last)
@@ -147,12 +160,15 @@ class Client:
 
     def fit(self, ins: FitIns) -> FitRes:
         """Train the received model on the private train split; return weights and metrics."""
+        started = time.perf_counter()
         cfg = ins.config
         server_round = int(cfg.get("round", 0))
         fit_seed = derive_seed(cfg.get("seed", self.seed), server_round, self.cid)
         torch.manual_seed(fit_seed)
         generator = torch.Generator().manual_seed(fit_seed)
-        self._load(ins.state, ins.fresh_heads, fit_seed)
+        # A fresh head depends on the run seed and its domain only, as if the server had
+        # sent it: every client of a domain starts from the same head.
+        self._load(ins.state, ins.fresh_heads, int(cfg.get("seed", self.seed)))
         epochs = int(cfg.get("epochs", self.train_cfg.local_epochs))
         lr = float(cfg.get("lr", self.train_cfg.lr))
         mu = float(cfg.get("proximal_mu", 0.0))
@@ -171,6 +187,7 @@ class Client:
                     metrics["best_epoch"] = float(epoch + 1)
                     metrics["val_selection_score"] = score
         state = best[1] if best is not None else self._export()
+        metrics["train_seconds"] = time.perf_counter() - started
         return FitRes(cid=self.cid, state=state, num_examples=self.info().num_train,
                       metrics=metrics)
 

@@ -10,7 +10,9 @@ The best student so far is reported as a checkpoint after every evaluation.
 from __future__ import annotations
 
 import logging
+import time
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -37,7 +39,8 @@ from strategies.distill import (
 logger = logging.getLogger(__name__)
 
 CURVE_KEY = "_curve"
-CURVE_FIELDS = ("step", "loss", "kd", "feature", "retention", "agreement", "best_agreement")
+CURVE_FIELDS = ("step", "loss", "kd", "feature", "retention", "agreement", "best_agreement",
+                "elapsed_s")
 
 
 class Student(nn.Module):
@@ -130,103 +133,158 @@ def _student(request: DistillRequest, model_cfg: ModelConfig, taught: list[str])
     return Student(net, taught)
 
 
-def distill_loop(config: dict[str, Any]) -> None:
-    """Per-worker distillation (Ray Train)."""
-    import ray.train
-    import ray.train.torch
+class DistillJob:
+    """One worker's distillation in plain torch: its slice of the pool, the frozen teacher
+    and previous-model outputs, the student and the optimiser.
 
-    request: DistillRequest = config["request"]
-    model_cfg: ModelConfig = config["model"]
-    s = request.settings
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    torch.manual_seed(request.seed + rank)
+    Ray Train runs it through :func:`distill_loop`; the benchmark runs it in-process.
 
-    x = load_pool(config["data"])
-    order = np.random.default_rng(request.seed).permutation(len(x))
-    n_hold = max(1, round(s.holdout_fraction * len(x)))
-    hold_idx, train_idx = order[:n_hold], order[n_hold:][rank::world]
-    x_hold, x_train = x[hold_idx], x[train_idx]
-    taught = sorted({t.domain for t in request.teachers})
-    tasks = {d: task for d, (task, _) in request.heads.items()}
-    train_t = _targets(request, model_cfg, x_train, device)
-    hold_t = _targets(request, model_cfg, x_hold, device)
-    retained = sorted(train_t["previous"])
+    Parameters
+    ----------
+    request
+        Teachers, student start, settings.
+    model_cfg
+        Network settings.
+    x
+        The whole (normalised) pool; a held-out slice is kept for the stopping signal and
+        the rest is sharded over ``world`` workers.
+    device
+        Where the job computes.
+    rank, world
+        This worker and the number of workers.
+    wrap
+        Wraps the student for data parallelism (Ray Train's ``prepare_model``).
+    """
 
-    student = _student(request, model_cfg, taught).to(device)
-    module = ray.train.torch.prepare_model(student, parallel_strategy_kwargs={
-        "find_unused_parameters": True} if world > 1 else None)
-    optimizer = torch.optim.AdamW(module.parameters(), lr=s.lr, weight_decay=s.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=s.steps)
-    generator = torch.Generator().manual_seed(request.seed + 1000 * rank)
-    use_bf16 = device.type == "cuda"
+    def __init__(self, request: DistillRequest, model_cfg: ModelConfig, x: torch.Tensor,
+                 device: torch.device, *, rank: int = 0, world: int = 1,
+                 wrap: Callable[[nn.Module], nn.Module] | None = None) -> None:
+        s = self.settings = request.settings
+        torch.manual_seed(request.seed + rank)
+        order = np.random.default_rng(request.seed).permutation(len(x))
+        n_hold = max(1, round(s.holdout_fraction * len(x)))
+        self.x_hold, self.x_train = x[order[:n_hold]], x[order[n_hold:][rank::world]]
+        self.device = device
+        self.taught = sorted({t.domain for t in request.teachers})
+        self.tasks = {d: task for d, (task, _) in request.heads.items()}
+        self.train_t = _targets(request, model_cfg, self.x_train, device)
+        self.hold_t = _targets(request, model_cfg, self.x_hold, device)
+        self.retained = sorted(self.train_t["previous"])
+        student = _student(request, model_cfg, self.taught).to(device)
+        self.module = wrap(student) if wrap is not None else student
+        self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=s.lr,
+                                           weight_decay=s.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer,
+                                                                    T_max=s.steps)
+        self.generator = torch.Generator().manual_seed(request.seed + 1000 * rank)
+        self.use_bf16 = device.type == "cuda"
+
+    def step(self) -> list[float]:
+        """One optimiser step on a random batch; returns ``[kd, feature, retention, loss]``."""
+        s, t = self.settings, self.train_t
+        idx = torch.randint(len(self.x_train), (min(s.batch_size, len(self.x_train)),),
+                            generator=self.generator)
+        xb = self.x_train[idx].to(self.device)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
+            _, logits, projected = self.module(xb)
+        idx_d = idx.to(self.device)
+        weights = teacher_weights(torch.stack([t["conf"][d][idx_d] for d in self.taught]),
+                                  s.weighting)
+        kd = sum((weights[i] * kd_per_sample(logits[d], t["probs"][d][idx_d], s.temperature,
+                                             self.tasks[d])).mean()
+                 for i, d in enumerate(self.taught))
+        feat = sum(feature_matching(projected[d], t["feats"][d][idx_d]).mean()
+                   for d in self.taught) / len(self.taught)
+        keep = (sum(kd_per_sample(logits[d], t["previous"][d][idx_d], s.temperature,
+                                  self.tasks[d]).mean() for d in self.retained)
+                / len(self.retained) if self.retained else torch.zeros((), device=self.device))
+        loss = kd + s.beta * feat + s.gamma * keep
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        return [float(v.detach()) for v in (kd, feat, keep, loss)]
 
     @torch.no_grad()
-    def evaluate() -> dict[str, float]:
-        module.eval()
+    def evaluate(self) -> dict[str, float]:
+        """Student/teacher (and student/previous-model) agreement on the held-out slice."""
+        net = unwrap(self.module)
+        net.eval()
         out: dict[str, list[torch.Tensor]] = defaultdict(list)
-        for i in range(0, len(x_hold), 1024):
-            _, logits, _ = unwrap(module)(x_hold[i:i + 1024].to(device))
+        for i in range(0, len(self.x_hold), 1024):
+            _, logits, _ = net(self.x_hold[i:i + 1024].to(self.device))
             for d, v in logits.items():
                 out[d].append(v.float())
         logits = {d: torch.cat(v) for d, v in out.items()}
-        scores = {f"agreement_{d}": float(agreement(logits[d], hold_t["logits"][d], tasks[d]))
-                  for d in taught}
-        scores |= {f"retention_{d}": float(agreement(logits[d], hold_t["prev_logits"][d],
-                                                     tasks[d])) for d in retained}
-        module.train()
+        scores = {f"agreement_{d}": float(agreement(logits[d], self.hold_t["logits"][d],
+                                                    self.tasks[d])) for d in self.taught}
+        scores |= {f"retention_{d}": float(agreement(logits[d], self.hold_t["prev_logits"][d],
+                                                     self.tasks[d])) for d in self.retained}
+        net.train()
         return {"agreement": float(np.mean(list(scores.values()))), **scores}
 
-    best, since_best, history_loss = -1.0, 0, []
-    best_state: dict[str, torch.Tensor] | None = None
-    curve: list[dict[str, float]] = []
-    for step in range(1, s.steps + 1):
-        idx = torch.randint(len(x_train), (min(s.batch_size, len(x_train)),), generator=generator)
-        xb = x_train[idx].to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            _, logits, projected = module(xb)
-        idx_d = idx.to(device)
-        conf = torch.stack([train_t["conf"][d][idx_d] for d in taught])
-        weights = teacher_weights(conf, s.weighting)
-        kd = sum((weights[i] * kd_per_sample(logits[d], train_t["probs"][d][idx_d],
-                                             s.temperature, tasks[d])).mean()
-                 for i, d in enumerate(taught))
-        feat = sum(feature_matching(projected[d], train_t["feats"][d][idx_d]).mean()
-                   for d in taught) / len(taught)
-        keep = (sum(kd_per_sample(logits[d], train_t["previous"][d][idx_d], s.temperature,
-                                  tasks[d]).mean() for d in retained) / len(retained)
-                if retained else torch.zeros((), device=device))
-        loss = kd + s.beta * feat + s.gamma * keep
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        history_loss.append([float(kd), float(feat), float(keep), float(loss)])
-        if step % s.eval_every == 0 or step == s.steps:
-            scores = evaluate()
-            kd_m, feat_m, keep_m, loss_m = np.mean(history_loss, axis=0)
-            history_loss = []
+    def student_state(self) -> dict[str, torch.Tensor]:
+        """The global model's weights (the student without its projections), on CPU."""
+        return {k: v.detach().cpu().clone() for k, v in unwrap(self.module).net.state_dict()
+                .items()}
+
+    def run(self, on_eval: Callable[[dict[str, float], bool, dict[str, torch.Tensor] | None],
+                                    None] | None = None) -> list[dict[str, float]]:
+        """Train until ``steps`` or until agreement stops improving for ``patience``
+        evaluations. After every evaluation ``on_eval(row, stop, payload)`` gets the curve
+        row and, when the student improved or training stops, the best student so far
+        with the curve (key ``_curve``); returns the curve."""
+        s = self.settings
+        best, since_best, losses = -1.0, 0, []
+        best_state: dict[str, torch.Tensor] | None = None
+        curve: list[dict[str, float]] = []
+        started = time.perf_counter()
+        for step in range(1, s.steps + 1):
+            losses.append(self.step())
+            if step % s.eval_every and step != s.steps:
+                continue
+            scores = self.evaluate()
+            kd_m, feat_m, keep_m, loss_m = np.mean(losses, axis=0)
+            losses = []
             improved = scores["agreement"] > best
             if improved:
-                best, since_best = scores["agreement"], 0
-                best_state = {k: v.detach().cpu().clone()
-                              for k, v in unwrap(module).net.state_dict().items()}
+                best, since_best, best_state = scores["agreement"], 0, self.student_state()
             else:
                 since_best += 1
             stop = since_best >= s.patience or step == s.steps
             row = {"step": float(step), "loss": float(loss_m), "kd": float(kd_m),
                    "feature": float(feat_m), "retention": float(keep_m),
-                   "best_agreement": best, **scores}
+                   "best_agreement": best, "elapsed_s": time.perf_counter() - started,
+                   **scores}
             curve.append(row)
-            # The checkpoint always holds the best student so far and the curve up to now,
-            # so the latest checkpoint is the one to keep.
-            payload = ({**best_state, CURVE_KEY: torch.tensor(
-                [[r.get(k, float("nan")) for k in CURVE_FIELDS] for r in curve])}
-                if improved or stop else None)
-            report({**row, "stopped": float(stop)}, payload)
+            payload = None
+            if (improved or stop) and best_state is not None:
+                payload = {**best_state, CURVE_KEY: torch.tensor(
+                    [[r.get(k, float("nan")) for k in CURVE_FIELDS] for r in curve])}
+            if on_eval is not None:
+                on_eval(row, stop, payload)
             if stop:
                 break
+        return curve
+
+
+def distill_loop(config: dict[str, Any]) -> None:
+    """Per-worker distillation on Ray Train (DDP when there are several workers).
+
+    Every evaluation is reported; the checkpoint always holds the best student so far and
+    the curve up to now, so the latest checkpoint is the one to keep.
+    """
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    world = ctx.get_world_size()
+    kwargs = {"find_unused_parameters": True} if world > 1 else None
+    job = DistillJob(config["request"], config["model"], load_pool(config["data"]),
+                     ray.train.torch.get_device(), rank=ctx.get_world_rank(), world=world,
+                     wrap=lambda m: ray.train.torch.prepare_model(
+                         m, parallel_strategy_kwargs=kwargs))
+    job.run(lambda row, stop, payload: report({**row, "stopped": float(stop)}, payload))
 
 
 class RayTrainDistiller(DistillService):
@@ -241,15 +299,16 @@ class RayTrainDistiller(DistillService):
     storage_path
         Where Ray Train writes the checkpoints (``<run dir>/train``).
     callbacks
-        Ray Train callbacks (e.g. Tune's ``TuneReportCallback``).
+        Makes the Ray Train callbacks of each request (e.g. Tune's ``TuneReportCallback``,
+        so a Tune scheduler sees the distillation's intermediate results).
     """
 
     def __init__(self, model: ModelConfig, data: DataConfig, storage_path: str,
-                 callbacks: list[Any] | None = None) -> None:
+                 callbacks: Callable[[DistillRequest], list[Any]] | None = None) -> None:
         self.model = model
         self.data = data
         self.storage_path = storage_path
-        self.callbacks = callbacks or []
+        self.callbacks = callbacks
 
     def distil(self, request: DistillRequest) -> DistillResult:
         s = request.settings
@@ -259,7 +318,9 @@ class RayTrainDistiller(DistillService):
                                             "data": self.data},
                              num_workers=s.num_workers, use_gpu=s.use_gpu,
                              storage_path=self.storage_path, name=request.tag,
-                             score=None, knob="distill", callbacks=self.callbacks,
+                             score=None, knob="distill",
+                             callbacks=self.callbacks(request) if self.callbacks else None,
+                             cpus_per_worker=s.cpus_per_worker,
                              gpus_per_worker=s.gpus_per_worker)
         state = load_checkpoint_state(result.checkpoint)
         table = state.pop(CURVE_KEY)

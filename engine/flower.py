@@ -119,6 +119,8 @@ def arrays_to_state(record: ArrayRecord, like: Mapping[str, torch.Tensor]) -> St
         if key not in record:
             continue
         value = torch.tensor(record[key].numpy(), dtype=ref.dtype)  # copies (input is r/o)
+        if value.shape != ref.shape and value.numel() == ref.numel() == 1:
+            value = value.reshape(ref.shape)  # Flower ships 0-d tensors (counters) as (1,)
         if value.shape != ref.shape:
             raise ValueError(f"{key}: received shape {tuple(value.shape)}, "
                              f"model has {tuple(ref.shape)}")

@@ -15,6 +15,7 @@ from ray.exceptions import (
     RayActorError,
     RayTaskError,
 )
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from engine.actors import ClientActor
 from engine.client import ClientSpec
@@ -71,8 +72,12 @@ class ActorPool:
         for i, spec in enumerate(specs):
             groups[i % count].append(spec)
             home[spec.cid] = i % count
+        # Never inherit a caller's placement group (a Tune trial's): client actors are
+        # accounted for by the sweep's concurrency limit, not by the trial's bundle.
+        free = PlacementGroupSchedulingStrategy(placement_group=None)
         actors = [ClientActor.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus,
-                                      max_restarts=res.max_restarts, max_task_retries=0)
+                                      max_restarts=res.max_restarts, max_task_retries=0,
+                                      scheduling_strategy=free)
                   .remote(group, cfg.model, cfg.train, cfg.data, seed=cfg.seed,
                           num_threads=max(1, int(res.num_cpus)))
                   for group in groups]

@@ -168,6 +168,7 @@ def pretrained_base(model: ModelConfig, pretrain: PretrainConfig, data: DataConf
                          num_workers=pretrain.num_workers, use_gpu=pretrain.use_gpu,
                          storage_path=str(cache_dir / "bases" / "ray-train"),
                          name=folder.name, score=None, knob="pretrain",
+                         cpus_per_worker=pretrain.cpus_per_worker,
                          gpus_per_worker=pretrain.gpus_per_worker)
     state = load_checkpoint_state(result.checkpoint)
     curve = [{"epoch": i + 1, "mim_loss": float(v)} for i, v in enumerate(state.pop(CURVE_KEY))]

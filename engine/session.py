@@ -111,8 +111,9 @@ class Session:
                     self.base_info["method"])
         return self
 
-    def distiller(self, storage: Storage, callbacks: list[Any] | None = None) -> Any:
-        """A Ray Train distiller writing its checkpoints under ``<run dir>/train``."""
+    def distiller(self, storage: Storage, callbacks: Any = None) -> Any:
+        """A Ray Train distiller writing its checkpoints under ``<run dir>/train``
+        (``callbacks``: request -> Ray Train callbacks, see ``RayTrainDistiller``)."""
         from engine.distill import RayTrainDistiller
 
         return RayTrainDistiller(self.cfg.model, self.cfg.data, f"{storage.uri}/train",

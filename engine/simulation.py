@@ -8,6 +8,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -105,6 +106,11 @@ class Simulation:
         if hasattr(self.strategy, "distiller"):
             self.strategy.distiller = distiller
         self.rounds = self.strategy.num_rounds(cfg.strategy.rounds)
+        self.fit_cache = None
+        if cfg.run.cache_fits:
+            from engine.fitcache import FitCache
+
+            self.fit_cache = FitCache(Path(cfg.data.cache_dir or ".") / "fits", cfg)
 
     def restore(self, checkpoint: Checkpoint) -> int:
         """Load a checkpoint; returns the first round still to run."""
@@ -120,13 +126,18 @@ class Simulation:
             progress.advance_rounds(start_round - 1)
             for server_round in range(start_round, self.rounds + 1):
                 self._fit_round(server_round, progress)
-                self._evaluate(server_round, "val", progress)
+                every = self.cfg.run.evaluate_every
+                if every > 0 and (server_round % every == 0 or server_round == self.rounds):
+                    self._evaluate(server_round, "val", progress)
                 if (server_round % self.cfg.run.checkpoint_every == 0
                         or server_round == self.rounds):
+                    writing = time.perf_counter()
                     save_checkpoint(self.storage, Checkpoint(server_round,
                                                              self.strategy.state_dict(),
                                                              self.history),
                                     keep=self.cfg.run.keep_checkpoints)
+                    self.history.add(server_round, "", "server", {
+                        "checkpoint_seconds": time.perf_counter() - writing})
                 self._write_history()
                 progress.advance_rounds(1)
                 for cb in self.callbacks:
@@ -150,7 +161,20 @@ class Simulation:
             ins.config = {**ins.config, "round": server_round, "seed": self.cfg.seed}
         progress.start_phase(f"round {server_round} fit", len(instructions))
         started = time.perf_counter()
-        results, failures = self._dispatch("fit", instructions, server_round, progress)
+        cached: dict[str, FitRes] = {}
+        if self.fit_cache is not None:
+            for cid, ins in instructions.items():
+                hit = self.fit_cache.get(cid, ins)
+                if hit is not None:
+                    cached[cid] = hit
+                    progress.client_done()
+        todo = {c: i for c, i in instructions.items() if c not in cached}
+        results, failures = self._dispatch("fit", todo, server_round, progress)
+        if self.fit_cache is not None:
+            for cid, res in results.items():
+                if not nonfinite_keys(res.state):
+                    self.fit_cache.put(cid, instructions[cid], res)
+        results.update(cached)
         seconds = time.perf_counter() - started
         valid: dict[str, FitRes] = {}
         for cid in sorted(results):
@@ -174,10 +198,13 @@ class Simulation:
                            f"failures: {failures}")
         epochs = max((float(ins.config.get("epochs", self.cfg.train.local_epochs))
                       for ins in instructions.values()), default=0.0)
-        samples = sum(r.num_examples for r in valid.values()) * epochs
+        samples = sum(r.num_examples for c, r in valid.items() if c not in cached) * epochs
+        aggregating = time.perf_counter()
         server_metrics = self.strategy.aggregate_fit(server_round, valid, failures)
         server_metrics = {**server_metrics, "fit_seconds": seconds,
-                          "fit_samples_per_s": samples / max(seconds, 1e-9)}
+                          "aggregate_seconds": time.perf_counter() - aggregating,
+                          "fit_samples_per_s": samples / max(seconds, 1e-9),
+                          "fit_cached": float(len(cached))}
         self.history.add(server_round, "", "server", server_metrics)
 
     def _evaluate(self, server_round: int, split: str, progress: RunProgress) -> None:
@@ -201,6 +228,16 @@ class Simulation:
     def _write_history(self) -> None:
         self.storage.write_bytes("history.parquet", self.history.to_parquet_bytes())
 
+    def val_auc(self, server_round: int) -> dict[str, float]:
+        """Domain -> federated val AUC of the global model after ``server_round`` (mean over
+        the domain's clients; only domains that were scored that round)."""
+        values: dict[str, list[float]] = {}
+        for r in self.history.records:
+            if (r.round == server_round and r.phase == "val" and r.metric == "auc"
+                    and not math.isnan(r.value)):
+                values.setdefault(r.domain, []).append(r.value)
+        return {d: sum(v) / len(v) for d, v in values.items()}
+
     def summary(self) -> dict[str, Any]:
         """Final per-domain test metrics (mean over a domain's clients) and run facts."""
         test = {m: self.history.latest("test", m) for m in ("auc", "acc")}
@@ -214,8 +251,10 @@ class Simulation:
         aucs = [r["auc"] for r in domains.values() if not math.isnan(r["auc"])]
         throughput = [r.value for r in self.history.records
                       if r.phase == "server" and r.metric == "fit_samples_per_s"]
+        val = self.val_auc(self.rounds)
         return {"name": self.cfg.name, "strategy": self.cfg.strategy.name,
                 "rounds": self.rounds, "seed": self.cfg.seed, "domains": domains,
                 "mean_test_auc": sum(aucs) / len(aucs) if aucs else math.nan,
+                "mean_val_auc": sum(val.values()) / len(val) if val else math.nan,
                 "fit_samples_per_s": sum(throughput) / len(throughput) if throughput else None,
                 "failures": self.failures}

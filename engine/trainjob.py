@@ -23,7 +23,8 @@ MODEL_FILE = "model.pt"
 
 
 def check_train_resources(num_workers: int, use_gpu: bool, *, knob: str,
-                          gpus_per_worker: float = 1.0, wait_s: float = 20.0) -> None:
+                          cpus_per_worker: float = 1.0, gpus_per_worker: float = 1.0,
+                          wait_s: float = 60.0) -> None:
     """Fail fast when the cluster has not ``num_workers`` free CPUs (and GPUs).
 
     Client actors hold their CPUs and GPUs for the whole run, so the check uses what is
@@ -33,7 +34,7 @@ def check_train_resources(num_workers: int, use_gpu: bool, *, knob: str,
     """
     import ray
 
-    need_cpu = float(num_workers)
+    need_cpu = num_workers * cpus_per_worker
     need_gpu = num_workers * gpus_per_worker if use_gpu else 0.0
     deadline = time.monotonic() + wait_s
     while True:
@@ -48,23 +49,24 @@ def check_train_resources(num_workers: int, use_gpu: bool, *, knob: str,
             f"{knob}.num_workers={num_workers} Train workers need {need_cpu:g} CPU and "
             f"{need_gpu:g} GPU, but only {free.get('CPU', 0.0):g} CPU and "
             f"{free.get('GPU', 0.0):g} GPU are free (client actors hold the rest). Lower "
-            f"{knob}.num_workers or {knob}.gpus_per_worker, set {knob}.use_gpu=false, or lower "
+            f"{knob}.num_workers, {knob}.cpus_per_worker or {knob}.gpus_per_worker, set "
+            f"{knob}.use_gpu=false, or lower "
             "clients.num_actors / clients.num_cpus / clients.num_gpus.")
 
 
 def fit_trainer(loop: Callable[[dict[str, Any]], None], config: Mapping[str, Any], *,
                 num_workers: int, use_gpu: bool, storage_path: str, name: str,
                 score: str | None, knob: str, callbacks: list[Any] | None = None,
-                gpus_per_worker: float = 1.0) -> Any:
+                cpus_per_worker: float = 1.0, gpus_per_worker: float = 1.0) -> Any:
     """Run ``loop`` on a ``TorchTrainer`` and return its ``ray.train.Result``.
 
     Parameters
     ----------
     loop, config
         The per-worker training function and its ``train_loop_config``.
-    num_workers, use_gpu, gpus_per_worker
-        Scaling: one CPU per worker, plus ``gpus_per_worker`` GPUs each when ``use_gpu``
-        (a fraction shares a GPU with the client actors).
+    num_workers, use_gpu, cpus_per_worker, gpus_per_worker
+        Scaling: ``cpus_per_worker`` CPUs per worker, plus ``gpus_per_worker`` GPUs each
+        when ``use_gpu`` (fractions share a CPU or GPU with the client actors).
     storage_path, name
         Where Ray Train keeps the job's checkpoints.
     score
@@ -78,8 +80,9 @@ def fit_trainer(loop: Callable[[dict[str, Any]], None], config: Mapping[str, Any
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    check_train_resources(num_workers, use_gpu, knob=knob, gpus_per_worker=gpus_per_worker)
-    resources = {"CPU": 1.0, **({"GPU": gpus_per_worker} if use_gpu else {})}
+    check_train_resources(num_workers, use_gpu, knob=knob, cpus_per_worker=cpus_per_worker,
+                          gpus_per_worker=gpus_per_worker)
+    resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
         loop, train_loop_config=dict(config),
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,

@@ -104,12 +104,15 @@ class DistillSettings:
     patience: int = 3
     holdout_fraction: float = 0.1
     num_workers: int = 1
+    cpus_per_worker: float = 1.0
     use_gpu: bool = False
     gpus_per_worker: float = 1.0
 
     def __post_init__(self) -> None:
         if self.use_gpu and not 0 < self.gpus_per_worker <= 8:
             raise ValueError("distill.gpus_per_worker must be in (0, 8]")
+        if self.cpus_per_worker <= 0:
+            raise ValueError("distill.cpus_per_worker must be > 0")
         if self.temperature <= 0 or self.beta < 0 or self.gamma < 0:
             raise ValueError("distill.temperature must be > 0; beta and gamma >= 0")
         if self.steps < 1 or self.eval_every < 1 or self.patience < 1:
@@ -152,6 +155,8 @@ class DistillRequest:
         Seed of the trainer's sampling.
     tag
         Name of this distillation (folder of its checkpoints), e.g. ``"round-0002"``.
+    server_round
+        The round it belongs to (0 outside the round loop).
     """
 
     student: State
@@ -161,6 +166,7 @@ class DistillRequest:
     settings: DistillSettings
     seed: int = 0
     tag: str = "distill"
+    server_round: int = 0
 
 
 @dataclass

@@ -7,17 +7,23 @@ from typing import ClassVar
 
 from strategies.aggregate import select, weighted_average
 from strategies.base import ENCODER, HEADS, Strategy
-from strategies.types import FitRes
+from strategies.types import FitRes, State
 
 
 class FedAvg(Strategy):
     """Federated averaging (McMahan et al. 2017) of the encoder, weighted by sample count.
 
-    The domains' label spaces differ, so heads are never averaged: every client keeps the
-    head it trained (the server stores it only to hand it back next round).
+    The domains' label spaces differ, so a head is only ever averaged among the clients of
+    its own domain (with one client per domain it simply stays that client's own); the
+    server stores it to hand it back next round. With one domain split over many clients
+    this is plain FedAvg of the whole model.
     """
 
     name: ClassVar[str] = "fedavg"
+
+    def client_state(self, cid: str) -> State:
+        return {**self.encoder, **{k: v for d in self.clients[cid].domains
+                                   for k, v in self.heads.get(d, {}).items()}}
 
     def aggregate_fit(self, server_round: int, results: Mapping[str, FitRes],
                       failures: Mapping[str, str]) -> dict[str, float]:
@@ -25,8 +31,12 @@ class FedAvg(Strategy):
         if not cids:
             raise ValueError(f"round {server_round}: no client result to aggregate")
         states = [results[c].state for c in cids]
-        self.encoder = weighted_average(states, [results[c].num_examples for c in cids],
-                                        keys=select(states[0], ENCODER).keys())
-        for cid in cids:
-            self.heads[cid] = select(results[cid].state, HEADS)
+        weights = [results[c].num_examples for c in cids]
+        self.encoder = weighted_average(states, weights, keys=select(states[0], ENCODER).keys())
+        domains = sorted({d for c in cids for d in self.clients[c].domains})
+        for domain in domains:
+            members = [i for i, c in enumerate(cids) if domain in self.clients[c].domains]
+            self.heads[domain] = weighted_average(
+                [states[i] for i in members], [weights[i] for i in members],
+                keys=select(states[members[0]], f"{HEADS}{domain}.").keys())
         return {"clients_aggregated": float(len(cids)), "clients_failed": float(len(failures))}

@@ -128,7 +128,8 @@ class Universal(Strategy):
         request = DistillRequest(student=dict(previous), teachers=teachers,
                                  previous=previous if self.global_heads else {}, heads=heads,
                                  settings=self.settings, seed=self.seed * 1000 + server_round,
-                                 tag=f"distill-round-{server_round:04d}")
+                                 tag=f"distill-round-{server_round:04d}",
+                                 server_round=server_round)
         result = self.distiller.distil(request)
         self.encoder = select(result.state, ENCODER)
         self.global_heads = select(result.state, HEADS)

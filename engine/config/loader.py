@@ -133,6 +133,20 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``data["a"]["b"] = value`` for ``key="a.b"`` in place (creating sections)."""
+    keys = key.split(".")
+    node = data
+    for part in keys[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{key!r}: {part!r} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """Return a copy of ``data`` with dotted ``key=value`` overrides applied."""
     import copy
@@ -140,15 +154,10 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     out = copy.deepcopy(data)
     for text in overrides:
         keys, value = parse_override(text)
-        node = out
-        for key in keys[:-1]:
-            child = node.get(key)
-            if child is None:
-                child = node[key] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {text!r}: {key!r} is not a section")
-            node = child
-        node[keys[-1]] = value
+        try:
+            set_dotted(out, ".".join(keys), value)
+        except ConfigError as err:
+            raise ConfigError(f"override {text!r}: {err}") from err
     return out
 
 

@@ -205,6 +205,7 @@ class PretrainConfig:
     decoder_num_layers: int = 2
     decoder_num_heads: int = 4
     num_workers: int = 1
+    cpus_per_worker: float = 1.0
     use_gpu: bool = False
     gpus_per_worker: float = 1.0
 
@@ -248,12 +249,20 @@ class EvaluationConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Where results go and how the run is checkpointed."""
+    """Where results go and how the run is checkpointed.
+
+    ``cache_fits`` reuses client updates across runs when the instruction, client, data
+    and settings are identical (see :mod:`engine.fitcache`); sweeps turn it on.
+    ``evaluate_every`` runs the federated validation every that many rounds (0: never; the
+    final test evaluation always runs).
+    """
 
     storage_path: str = "runs"
     checkpoint_every: int = 1
     keep_checkpoints: int = 2
     address: str | None = None
+    cache_fits: bool = False
+    evaluate_every: int = 1
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,17 @@ import numpy as np
 PartitionScheme = Literal["iid", "dirichlet"]
 
 
-def iid_partition(num_samples: int, num_clients: int, seed: int) -> list[np.ndarray]:
-    """Shuffle ``range(num_samples)`` and deal it into ``num_clients`` near-equal parts."""
+def iid_partition(num_samples: int, num_clients: int, seed: int, min_size: int = 1
+                  ) -> list[np.ndarray]:
+    """Shuffle ``range(num_samples)`` and deal it into ``num_clients`` near-equal parts.
+
+    With ``min_size=0`` more clients than samples is allowed (some parts are empty).
+    """
     if num_clients < 1:
         raise ValueError(f"num_clients must be >= 1, got {num_clients}")
-    if num_samples < num_clients:
-        raise ValueError(f"cannot give {num_clients} clients a sample each from {num_samples}")
+    if num_samples < num_clients * min_size:
+        raise ValueError(f"cannot give {num_clients} clients {min_size} sample(s) each from "
+                         f"{num_samples}")
     order = np.random.default_rng(seed).permutation(num_samples)
     return [np.sort(part) for part in np.array_split(order, num_clients)]
 
@@ -58,10 +63,10 @@ def dirichlet_partition(labels: np.ndarray, num_clients: int, alpha: float, seed
 
 
 def partition(labels: np.ndarray, scheme: PartitionScheme, num_clients: int, seed: int,
-              alpha: float = 0.5) -> list[np.ndarray]:
+              alpha: float = 0.5, min_size: int = 1) -> list[np.ndarray]:
     """Dispatch to :func:`iid_partition` or :func:`dirichlet_partition`."""
     if scheme == "iid":
-        return iid_partition(len(labels), num_clients, seed)
+        return iid_partition(len(labels), num_clients, seed, min_size)
     if scheme == "dirichlet":
-        return dirichlet_partition(labels, num_clients, alpha, seed)
+        return dirichlet_partition(labels, num_clients, alpha, seed, min_size)
     raise ValueError(f"unknown partition scheme {scheme!r}; use 'iid' or 'dirichlet'")

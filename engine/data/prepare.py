@@ -183,7 +183,9 @@ class ShardBuilder:
         """Split domain ``name`` over ``num_clients`` clients, each with its own shards.
 
         Each split is partitioned with the same scheme and seed; every client normalises
-        with statistics of its own train part, as a real hospital would.
+        with statistics of its own train part, as a real hospital would. Every client gets
+        at least one training sample; with more clients than val / test samples, some
+        clients have empty val / test splits.
         """
         base = self.domain(name)
         folder = self.domain_dir(name) / f"{scheme}-{num_clients}-s{seed}-a{alpha:g}"
@@ -192,7 +194,9 @@ class ShardBuilder:
         if all(p.exists() for client in out for p in client.values()):
             return out
         shards = {s: read_shard(base[s]) for s in SPLITS}
-        parts = {s: partition(shards[s].labels, scheme, num_clients, seed, alpha)
+        parts = {s: partition(shards[s].labels, scheme, num_clients, seed, alpha,
+                              min_size=1 if s == "train" or len(shards[s]) >= num_clients
+                              else 0)
                  for s in SPLITS}
         for i, client in enumerate(out):
             owner = f"{name}#{i}"

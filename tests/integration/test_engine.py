@@ -53,35 +53,6 @@ def test_fedavg_over_the_eight_domains(tmp_path: Path, data_root: Path, shard_ca
     assert (run_dir / "checkpoints" / "round-0002" / "COMPLETE").exists()
 
 
-@pytest.mark.parametrize("strategy", ["fedprox", "local", "centralised"])
-def test_every_baseline_strategy_runs(strategy: str, tmp_path: Path, data_root: Path,
-                                      shard_cache: Path) -> None:
-    cfg = _smoke(shard_cache, f"strategy.name={strategy}", "strategy.rounds=1")
-    result = run(cfg, out=tmp_path / strategy, data_root=str(data_root), quiet=True)
-    assert set(result.summary["domains"]) == {"breast", "pathology"}
-    assert all(0 <= r["auc"] <= 1 for r in result.summary["domains"].values())
-    if strategy == "centralised":
-        fits = {r.client for r in result.history.records if r.phase == "fit"}
-        assert fits == {"pooled"}
-
-
-def test_virtual_clients_share_actors(tmp_path: Path, data_root: Path, shard_cache: Path) -> None:
-    seen: dict[str, Any] = {}
-
-    class Inspect(Callback):
-        def on_round_end(self, sim: Simulation, server_round: int) -> None:
-            seen["actors"] = sim.actors.describe()
-
-    cfg = _smoke(shard_cache, "data.domains=[pneumonia]", "data.clients_per_domain=6",
-                 "data.partition=dirichlet", "data.max_train_samples=64",
-                 "data.max_eval_samples=32", "strategy.rounds=1")
-    result = run(cfg, out=tmp_path / "v", data_root=str(data_root), quiet=True,
-                 callbacks=[Inspect()])
-    clients = sorted(c["cid"] for a in seen["actors"] for c in a["clients"])
-    assert len(seen["actors"]) == 2 and clients == [f"pneumonia#{i}" for i in range(6)]
-    assert {r.client for r in result.history.records if r.phase == "test"} == set(clients)
-
-
 class KillOneActor(Callback):
     """SIGKILLs the process of the actor serving ``breast`` right after round 2's fit starts."""
 

@@ -125,34 +125,3 @@ def test_a_finished_run_resumes_without_redoing_work(
     again = resume(out, quiet=True)
     assert (out / "results.parquet").read_bytes() == before
     assert again.summary["methods"] == result.summary["methods"]
-
-
-def test_distillation_with_two_ddp_workers(tmp_path: Path, data_root: Path, shard_cache: Path
-                                           ) -> None:
-    from dataclasses import replace
-
-    from engine.distill import RayTrainDistiller
-    from engine.session import resolve_paths
-    from strategies.distill import DistillRequest, DistillSettings, Teacher
-
-    cfg = resolve_paths(load_config(REPO / "experiments" / "quickstart.yaml",
-                                    [f"data.cache_dir={shard_cache}", "data.pool_size=400"]),
-                        str(data_root))
-    model = build_model(cfg.model, {"breast": 2, "retina": 5})
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    teachers = [Teacher(cid=d, domain=d, task=t, num_classes=n,
-                        state={k: v for k, v in state.items()
-                               if k.startswith("encoder.") or k.startswith(f"heads.{d}.")})
-                for d, t, n in (("breast", "binary", 2), ("retina", "ordinal", 5))]
-    settings = replace(DistillSettings(), steps=6, eval_every=3, batch_size=32, num_workers=2)
-    request = DistillRequest(student={k: v for k, v in state.items()
-                                      if k.startswith("encoder.")},
-                             teachers=teachers, previous={},
-                             heads={"breast": ("binary", 2), "retina": ("ordinal", 5)},
-                             settings=settings, tag="ddp-test")
-    result = RayTrainDistiller(cfg.model, cfg.data, str(tmp_path / "train")).distil(request)
-    assert set(result.state) == set(state)
-    assert all(torch.isfinite(v).all() for v in result.state.values())
-    assert [r["step"] for r in result.curve] == [3.0, 6.0]
-    # the students start as the teachers here, so they agree from the start
-    assert result.metrics["distill_agreement"] > 0.9

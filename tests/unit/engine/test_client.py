@@ -42,7 +42,7 @@ def test_fit_is_deterministic_per_client_round_and_seed(specs: dict[str, ClientS
     assert all(torch.equal(ra.state[k], rb.state[k]) for k in ra.state)
     rc = a.fit(ins(2))
     assert not all(torch.equal(ra.state[k], rc.state[k]) for k in ra.state)
-    assert ra.num_examples == 96 and set(ra.metrics) == {"train_loss"}
+    assert ra.num_examples == 96 and set(ra.metrics) == {"train_loss", "train_seconds"}
     assert set(ra.state) == set(a.model.state_dict())
 
 

@@ -48,9 +48,22 @@ def test_fedavg_ignores_failed_clients_and_restores_from_state_dict() -> None:
     other = create_strategy("fedavg", {})
     other.initialize(CLIENTS, ENCODER)
     other.load_state_dict(s.state_dict())
-    assert torch.equal(other.client_state("b")["heads.db.weight"], s.heads["b"]["heads.db.weight"])
+    assert torch.equal(other.client_state("b")["heads.db.weight"], s.heads["db"]["heads.db.weight"])
     with pytest.raises(ValueError, match="no client result"):
         s.aggregate_fit(2, {}, {"a": "x", "b": "y"})
+
+
+def test_fedavg_averages_a_head_among_its_domains_clients() -> None:
+    clients = [_info("p#0", "p", 100), _info("p#1", "p", 300), _info("q", "q", 50)]
+    s = create_strategy("fedavg", {})
+    s.initialize(clients, ENCODER)
+    s.aggregate_fit(1, {"p#0": _res("p#0", "p", 1.0, 100), "p#1": _res("p#1", "p", 5.0, 300),
+                        "q": _res("q", "q", 9.0, 50)}, {})
+    # encoder over all three: (100 + 1500 + 450) / 450; head p over its two clients only
+    torch.testing.assert_close(s.encoder["encoder.w"], torch.full((2,), 2050 / 450))
+    torch.testing.assert_close(s.client_state("p#1")["heads.p.weight"], torch.full((2, 2), 4.0))
+    torch.testing.assert_close(s.client_state("q")["heads.q.weight"], torch.full((2, 2), 9.0))
+    assert "heads.q.weight" not in s.client_state("p#0")
 
 
 def test_fedprox_sends_mu() -> None:

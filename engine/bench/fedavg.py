@@ -1,0 +1,215 @@
+"""``umim bench fedavg``: one FedAvg workload three ways, back to back.
+
+1. ``sequential``: one process, a plain loop of PyTorch training over the clients (the
+   compute floor on one device);
+2. ``engine``: this engine (client actors, object store, FedAvg strategy);
+3. ``flower``: Flower 1.42 ``run_simulation`` on its Ray backend, driving the very same
+   ``Client`` through :mod:`engine.flower`, with the same resources per client actor.
+
+Reference workload: PneumoniaMNIST split IID over the clients, MONAI ResNet-18 adapted to
+28 x 28 (3x3 stride-1 stem, no max-pool), SGD, bf16 autocast and channels-last on CUDA.
+All three start from the same weights, see the same batches, and are scored by the same
+evaluator on the full PneumoniaMNIST test split; the command checks that they agree.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.client import Client, ClientSpec, derive_seed, shard_builder
+from engine.config import ExperimentConfig, from_dict, to_dict
+from engine.data.prepare import ShardRecipe
+from engine.session import client_specs, initial_encoder, resolve_paths
+from strategies import create_strategy
+from strategies.types import EvaluateIns, FitRes, State
+
+logger = logging.getLogger(__name__)
+DOMAIN = "pneumonia"
+METHODS = ("sequential", "engine", "flower")
+
+
+@dataclass(frozen=True)
+class FedAvgWorkload:
+    """The benchmark's knobs (the CLI flags)."""
+
+    clients: int = 8
+    rounds: int = 2
+    local_epochs: int = 1
+    batch_size: int = 128
+    samples_per_client: int | None = None
+    arch: str = "resnet18"
+    actors: int | None = None
+    cpus_per_actor: float | None = None
+    gpus_per_actor: float | None = None
+    lr: float = 0.01
+    seed: int = 0
+
+    def config(self, data_root: str | None, cache_dir: str | None) -> ExperimentConfig:
+        """The experiment every method runs."""
+        gpu = torch.cuda.is_available()
+        cores = os.cpu_count() or 1
+        actors = self.actors or (self.clients if gpu else min(self.clients, cores))
+        cpus = self.cpus_per_actor or (max(cores // actors, 1) if not gpu else 1.0)
+        gpus = self.gpus_per_actor if self.gpus_per_actor is not None else (
+            1.0 / actors if gpu else 0.0)
+        data = {"domains": [DOMAIN], "clients_per_domain": self.clients, "partition": "iid",
+                "max_train_samples": self.samples_per_client, "max_eval_samples": 64,
+                "data_root": data_root, "cache_dir": cache_dir}
+        return resolve_paths(from_dict(ExperimentConfig, {
+            "name": "bench-fedavg", "seed": self.seed, "data": data,
+            "model": {"arch": self.arch, "hidden_size": 32, "mlp_dim": 64, "num_layers": 1,
+                      "num_heads": 2},
+            "train": {"local_epochs": self.local_epochs, "batch_size": self.batch_size,
+                      "lr": self.lr, "optimizer": "sgd", "momentum": 0.9,
+                      "weight_decay": 0.0},
+            "clients": {"num_actors": actors, "num_cpus": float(cpus),
+                        "num_gpus": float(gpus)},
+            "strategy": {"name": "fedavg", "rounds": self.rounds},
+            "run": {"evaluate_every": 0, "checkpoint_every": self.rounds,
+                    "keep_checkpoints": 1}}))
+
+
+def initial_state(cfg: ExperimentConfig) -> State:
+    """The global model every method starts from: the seeded encoder and the pneumonia head
+    every client would initialise itself (see ``Client._load``)."""
+    from engine.models import build_model
+
+    net = build_model(cfg.model, {})
+    net.load_state_dict(initial_encoder(cfg), strict=False)
+    net.add_head(DOMAIN, 2, seed=derive_seed(cfg.seed, "head", DOMAIN))
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def _samples(cfg: ExperimentConfig, specs: list[ClientSpec]) -> int:
+    builder = shard_builder(cfg.data)
+    from engine.data.shards import read_shard
+
+    total = 0
+    for spec in specs:
+        n = len(read_shard(spec.recipes[0].resolve(builder)["train"]))
+        cap = cfg.data.max_train_samples
+        total += min(n, cap) if cap else n
+    return total * cfg.train.local_epochs * cfg.strategy.rounds
+
+
+def run_sequential(cfg: ExperimentConfig, specs: list[ClientSpec]) -> tuple[float, State]:
+    """Plain PyTorch: every client trained in turn in this process, then averaged."""
+    started = time.perf_counter()
+    models: dict[tuple, Any] = {}
+    clients = {s.cid: Client(s.resolve(cfg.data), cfg.model, cfg.train, seed=cfg.seed,
+                             max_train_samples=cfg.data.max_train_samples,
+                             max_eval_samples=cfg.data.max_eval_samples, models=models)
+               for s in specs}
+    strategy = create_strategy("fedavg", {})
+    strategy.initialize([c.info() for c in clients.values()], initial_encoder(cfg))
+    for server_round in range(1, cfg.strategy.rounds + 1):
+        results: dict[str, FitRes] = {}
+        for cid, ins in strategy.configure_fit(server_round, sorted(clients)).items():
+            ins.config = {**ins.config, "round": server_round, "seed": cfg.seed}
+            results[cid] = clients[cid].fit(ins)
+        strategy.aggregate_fit(server_round, results, {})
+    wall = time.perf_counter() - started
+    return wall, strategy.client_state(sorted(clients)[0])
+
+
+def run_engine(cfg: ExperimentConfig, out: Path) -> tuple[float, State]:
+    """This engine: Ray init, client actors, rounds; timed until the last aggregation."""
+    from engine.session import Session
+    from engine.simulation import Callback, Simulation
+    from engine.storage import Storage
+
+    marks: dict[str, float] = {}
+
+    class Clock(Callback):
+        def on_round_end(self, sim: Simulation, server_round: int) -> None:
+            marks["end"] = time.perf_counter()
+
+    started = time.perf_counter()
+    session = Session(cfg, pooled=False).start()
+    try:
+        sim = Simulation(cfg, Storage(out), session.actors, session.base, quiet=True,
+                         callbacks=[Clock()])
+        result = sim.run()  # the clock stops at the last round, before the test pass
+        state = sim.strategy.client_state(sim.eval_cids[0])
+        assert result.summary["rounds"] == cfg.strategy.rounds
+    finally:
+        session.shutdown()
+    return marks["end"] - started, state
+
+
+def run_flower(cfg: ExperimentConfig, out: Path, timeout_s: float = 3600) -> tuple[float, State]:
+    """Flower's ``run_simulation`` in a child process (it owns Ray while it runs)."""
+    job = {"config": to_dict(cfg), "out": str(out)}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-m", "engine.bench.flower_child", json.dumps(job)],
+                          env=env, capture_output=True, text=True, timeout=timeout_s,
+                          check=False)
+    result = out / "result.json"
+    if proc.returncode != 0 or not result.exists():
+        raise RuntimeError(f"the Flower run failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
+    wall = json.loads(result.read_text())["wall_s"]
+    state = torch.load(out / "state.pt", weights_only=True)
+    return wall, state
+
+
+def score(cfg: ExperimentConfig, state: State) -> dict[str, float]:
+    """Test AUC / ACC of a global model on the full PneumoniaMNIST test split."""
+    paths = ShardRecipe(DOMAIN).resolve(shard_builder(cfg.data))
+    evaluator = Client(ClientSpec("evaluator", {DOMAIN: {s: str(p) for s, p in paths.items()}}),
+                       cfg.model, cfg.train, seed=cfg.seed)
+    return evaluator.evaluate(EvaluateIns(state, "test")).metrics[DOMAIN]
+
+
+def bench_fedavg(workload: FedAvgWorkload, *, data_root: str | None = None,
+                 cache_dir: str | None = None, methods: tuple[str, ...] = METHODS,
+                 tolerance: float = 0.03) -> dict[str, Any]:
+    """Run the workload with each method and compare; returns rows and the check."""
+    cfg = workload.config(data_root, cache_dir)
+    specs = client_specs(cfg, pooled=False)
+    samples = _samples(cfg, specs)
+    rows: list[dict[str, Any]] = []
+    states: dict[str, State] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for method in methods:
+            logger.info("bench fedavg: %s", method)
+            if method == "sequential":
+                wall, state = run_sequential(cfg, specs)
+            elif method == "engine":
+                wall, state = run_engine(cfg, Path(tmp) / "engine")
+            elif method == "flower":
+                (Path(tmp) / "flower").mkdir()
+                wall, state = run_flower(cfg, Path(tmp) / "flower")
+            else:
+                raise ValueError(f"unknown method {method!r}; use {METHODS}")
+            states[method] = state
+            metrics = score(cfg, state)
+            rows.append({"method": method, "wall_s": wall, "samples": samples,
+                         "samples_per_s": samples / wall, "test_acc": metrics["acc"],
+                         "test_auc": metrics["auc"]})
+    base = rows[0]
+    for row in rows:
+        row["time_vs_" + base["method"]] = row["wall_s"] / base["wall_s"]
+    by = {r["method"]: r for r in rows}
+    if "flower" in by and "engine" in by:
+        by["engine"]["speedup_vs_flower"] = by["flower"]["wall_s"] / by["engine"]["wall_s"]
+    accs = [r["test_acc"] for r in rows]
+    agree = max(accs) - min(accs) <= tolerance
+    max_weight_diff = max((float((states[m][k].float() - states[methods[0]][k].float())
+                                 .abs().max()) for m in methods for k in states[m]
+                           if states[m][k].is_floating_point()), default=0.0)
+    return {"rows": rows, "accuracy_agrees": agree, "tolerance": tolerance,
+            "max_weight_difference": max_weight_diff,
+            "workload": {**workload.__dict__, "actors": cfg.clients.num_actors,
+                         "cpus_per_actor": cfg.clients.num_cpus,
+                         "gpus_per_actor": cfg.clients.num_gpus}}

@@ -1,0 +1,79 @@
+"""Search spaces declared in YAML, turned into Ray Tune spaces in this one place.
+
+Each entry maps a dotted experiment key to one distribution::
+
+    distill.temperature: {loguniform: [0.5, 8]}
+    distill.beta:        {uniform: [0.0, 2.0]}
+    distill.steps:       {randint: [100, 400]}      # integers, upper bound exclusive
+    distill.weighting:   {choice: [uniform, confidence]}
+    pretrain.method:     {choice: [none, mim]}
+
+``OptunaSearch`` converts the Tune space to Optuna distributions itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from engine.config.loader import ConfigError
+
+KINDS = ("uniform", "loguniform", "randint", "choice")
+
+
+def validate_space(space: Mapping[str, Mapping[str, Any]]) -> None:
+    """Check every entry's form; raise :class:`ConfigError` naming the key."""
+    for key, spec in space.items():
+        if not isinstance(spec, Mapping) or len(spec) != 1:
+            raise ConfigError(f"space.{key}: expected one of {list(KINDS)} with its "
+                              f"arguments, e.g. {{loguniform: [0.5, 8]}}; got {spec!r}")
+        kind, args = next(iter(spec.items()))
+        if kind not in KINDS:
+            raise ConfigError(f"space.{key}: unknown distribution {kind!r}; use {list(KINDS)}")
+        if not isinstance(args, list | tuple) or not args:
+            raise ConfigError(f"space.{key}: {kind} needs a list of values")
+        if kind == "choice":
+            continue
+        if len(args) != 2 or not all(isinstance(a, int | float) for a in args):
+            raise ConfigError(f"space.{key}: {kind} needs [low, high], got {list(args)}")
+        low, high = args
+        if not low < high or (kind == "loguniform" and low <= 0):
+            raise ConfigError(f"space.{key}: bad bounds {list(args)} for {kind}")
+
+
+def tune_space(space: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The Ray Tune ``param_space`` of ``space`` (keys stay dotted)."""
+    from ray import tune
+
+    validate_space(space)
+    out: dict[str, Any] = {}
+    for key, spec in space.items():
+        kind, args = next(iter(spec.items()))
+        if kind == "choice":
+            out[key] = tune.choice(list(args))
+        elif kind == "uniform":
+            out[key] = tune.uniform(float(args[0]), float(args[1]))
+        elif kind == "loguniform":
+            out[key] = tune.loguniform(float(args[0]), float(args[1]))
+        else:
+            out[key] = tune.randint(int(args[0]), int(args[1]))
+    return out
+
+
+def check_keys(space: Mapping[str, Any], root: type) -> None:
+    """Every key of ``space`` must name a leaf of the config dataclass ``root``."""
+    import dataclasses
+    from typing import get_type_hints
+
+    for key in space:
+        node: Any = root
+        for part in key.split("."):
+            if not dataclasses.is_dataclass(node):
+                raise ConfigError(f"space.{key}: {part!r} is below a leaf value")
+            hints = get_type_hints(node)
+            if part not in hints:
+                raise ConfigError(f"space.{key}: unknown config key {part!r}; valid: "
+                                  f"{sorted(hints)}")
+            node = hints[part]
+        if dataclasses.is_dataclass(node):
+            raise ConfigError(f"space.{key}: names a whole section, not a value")

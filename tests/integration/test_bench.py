@@ -1,0 +1,55 @@
+"""The three benchmarks at a small size: the comparisons are correct (not how fast)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from engine.cli import main as cli
+
+pytestmark = [pytest.mark.integration]
+
+
+def _json(capsys: pytest.CaptureFixture[str]) -> dict:
+    """The JSON document the command printed last (a line that is just ``{`` opens it)."""
+    lines = capsys.readouterr().out.splitlines()
+    start = max(i for i, line in enumerate(lines) if line == "{")
+    return json.loads("\n".join(lines[start:]))
+
+
+def test_bench_fedavg_three_ways_agree(data_root: Path, capsys: pytest.CaptureFixture[str]
+                                       ) -> None:
+    code = cli(["bench", "fedavg", "--clients", "2", "--rounds", "1", "--samples-per-client",
+                "32", "--batch-size", "16", "--arch", "vit", "--json",
+                "--data-root", str(data_root)])
+    out = _json(capsys)
+    assert code == 0 and out["accuracy_agrees"]
+    assert [r["method"] for r in out["rows"]] == ["sequential", "engine", "flower"]
+    # same start, same batches, same clients: the three final models are the same model
+    assert out["max_weight_difference"] < 1e-3
+    for row in out["rows"]:
+        assert row["samples"] == 2 * 32 and row["samples_per_s"] > 0
+    assert out["rows"][1]["speedup_vs_flower"] > 0
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_bench_distill_single_process_and_ddp(data_root: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli(["bench", "distill", "--steps", "4", "--batch-size", "16", "--workers", "2",
+                "--pool-size", "200", "--tiny", "--json", "--data-root", str(data_root)]) == 0
+    rows = _json(capsys)["rows"]
+    assert [(r["method"], r["workers"]) for r in rows] == [("single process", 1),
+                                                            ("Ray Train", 2)]
+    assert all(r["samples_per_s"] > 0 and r["wall_s"] >= r["train_s"] for r in rows)
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_bench_scale_packs_virtual_clients(data_root: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli(["bench", "scale", "--clients", "40", "--actors", "2", "--rounds", "1",
+                "--json", "--data-root", str(data_root)]) == 0
+    (row,) = _json(capsys)["rows"]
+    assert row["clients"] == 40 and row["actors"] == 2 and row["clients_per_actor"] == 20
+    assert row["rounds_per_s"] > 0 and 0 < row["peak_rss_gb"] < 8

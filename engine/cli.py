@@ -125,7 +125,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                    f"time_vs_{methods[0]}", "speedup_vs_flower", "test_acc", "test_auc"]
         extra = {"accuracy agrees": f"{out['accuracy_agrees']} (tolerance "
                  f"{out['tolerance']})", "max weight difference":
-                 f"{out['max_weight_difference']:.2e}", "workload": out["workload"],
+                 f"{out['max_weight_difference']:.2e}",
+                 "engine time breakdown (s)": {k: round(v, 2) for k, v in
+                                               out["engine_breakdown"].items()},
+                 "workload": out["workload"],
                  "machine": machine()}
         print_table("umim bench fedavg", out["rows"], columns, args.json, extra)
         return 0 if out["accuracy_agrees"] else 1

@@ -123,8 +123,16 @@ def run_sequential(cfg: ExperimentConfig, specs: list[ClientSpec]) -> tuple[floa
     return wall, strategy.client_state(sorted(clients)[0])
 
 
-def run_engine(cfg: ExperimentConfig, out: Path) -> tuple[float, State]:
-    """This engine: Ray init, client actors, rounds; timed until the last aggregation."""
+def run_engine(cfg: ExperimentConfig, out: Path) -> tuple[float, State, dict[str, float]]:
+    """This engine: Ray init, client actors, rounds; timed until the last aggregation.
+
+    Also returns where the time went: Ray start, actor start (imports, shard loading),
+    and per round the clients' own training time against the dispatch-to-last-result
+    time, aggregation and checkpointing.
+    """
+    import ray
+
+    from engine.cluster import connect
     from engine.session import Session
     from engine.simulation import Callback, Simulation
     from engine.storage import Storage
@@ -136,16 +144,36 @@ def run_engine(cfg: ExperimentConfig, out: Path) -> tuple[float, State]:
             marks["end"] = time.perf_counter()
 
     started = time.perf_counter()
+    fresh = not ray.is_initialized()
+    connect(cfg.run.address)
+    ray_s = time.perf_counter() - started
     session = Session(cfg, pooled=False).start()
+    session_s = time.perf_counter() - started - ray_s
     try:
         sim = Simulation(cfg, Storage(out), session.actors, session.base, quiet=True,
                          callbacks=[Clock()])
         result = sim.run()  # the clock stops at the last round, before the test pass
         state = sim.strategy.client_state(sim.eval_cids[0])
         assert result.summary["rounds"] == cfg.strategy.rounds
+        home = session.actors.home
     finally:
         session.shutdown()
-    return marks["end"] - started, state
+    server = {(r.round, r.metric): r.value for r in sim.history.records if r.phase == "server"}
+    per_actor: dict[tuple[int, int], float] = {}
+    for r in sim.history.records:
+        if r.phase == "fit" and r.metric == "train_seconds":
+            key = (r.round, home[r.client])
+            per_actor[key] = per_actor.get(key, 0.0) + r.value
+    rounds = range(1, cfg.strategy.rounds + 1)
+    fit = sum(server[(r, "fit_seconds")] for r in rounds)
+    busiest = sum(max(v for (rr, _), v in per_actor.items() if rr == r) for r in rounds)
+    breakdown = {"ray_start_s": ray_s if fresh else 0.0, "actors_start_s": session_s,
+                 "rounds_fit_s": fit, "busiest_actor_train_s": busiest,
+                 "dispatch_overhead_s": fit - busiest,
+                 "aggregate_s": sum(server.get((r, "aggregate_seconds"), 0.0) for r in rounds),
+                 "checkpoint_s": sum(server.get((r, "checkpoint_seconds"), 0.0)
+                                     for r in rounds)}
+    return marks["end"] - started, state, breakdown
 
 
 def run_flower(cfg: ExperimentConfig, out: Path, timeout_s: float = 3600) -> tuple[float, State]:
@@ -180,13 +208,14 @@ def bench_fedavg(workload: FedAvgWorkload, *, data_root: str | None = None,
     samples = _samples(cfg, specs)
     rows: list[dict[str, Any]] = []
     states: dict[str, State] = {}
+    breakdown: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for method in methods:
             logger.info("bench fedavg: %s", method)
             if method == "sequential":
                 wall, state = run_sequential(cfg, specs)
             elif method == "engine":
-                wall, state = run_engine(cfg, Path(tmp) / "engine")
+                wall, state, breakdown = run_engine(cfg, Path(tmp) / "engine")
             elif method == "flower":
                 (Path(tmp) / "flower").mkdir()
                 wall, state = run_flower(cfg, Path(tmp) / "flower")
@@ -209,6 +238,7 @@ def bench_fedavg(workload: FedAvgWorkload, *, data_root: str | None = None,
                                  .abs().max()) for m in methods for k in states[m]
                            if states[m][k].is_floating_point()), default=0.0)
     return {"rows": rows, "accuracy_agrees": agree, "tolerance": tolerance,
+            "engine_breakdown": breakdown,
             "max_weight_difference": max_weight_diff,
             "workload": {**workload.__dict__, "actors": cfg.clients.num_actors,
                          "cpus_per_actor": cfg.clients.num_cpus,

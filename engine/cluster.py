@@ -8,6 +8,8 @@ import warnings
 
 import ray
 
+from engine.config import ExperimentConfig
+
 logger = logging.getLogger(__name__)
 
 
@@ -25,8 +27,18 @@ def use_local_env() -> None:
         os.environ.setdefault(key, value)
 
 
-def connect(address: str | None = None) -> None:
-    """Initialise Ray once: join ``address`` (or ``$RAY_ADDRESS``), else start locally."""
+def connect(address: str | None = None, *, dashboard: bool = True) -> None:
+    """Initialise Ray once: join ``address`` (or ``$RAY_ADDRESS``), else start locally.
+
+    Parameters
+    ----------
+    address
+        A running cluster to join; ``None``: ``$RAY_ADDRESS``, else a local Ray.
+    dashboard
+        Start the dashboard with a local Ray. Ray Train needs it (its placement-group
+        cleaner queries the State API the dashboard serves); plain federated rounds do not,
+        and skipping it saves seconds of start-up (measured 13.9 s vs 6.8 s on 2 cores).
+    """
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
@@ -38,7 +50,19 @@ def connect(address: str | None = None) -> None:
         with warnings.catch_warnings():  # a note about a future default we already rely on
             warnings.filterwarnings("ignore", message=".*RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO",
                                     category=FutureWarning)
-            ray.init(log_to_driver=True)  # the dashboard serves the State API Ray Train uses
+            ray.init(log_to_driver=True, include_dashboard=dashboard)
+
+
+def uses_ray_train(cfg: ExperimentConfig) -> bool:
+    """Whether an experiment runs Ray Train jobs (MIM pretraining or distillation)."""
+    return (cfg.pretrain.method != "none" or cfg.strategy.name == "universal"
+            or bool(cfg.evaluation.lodo_domains) or "universal" in cfg.evaluation.baselines)
+
+
+def connect_for(cfg: ExperimentConfig) -> None:
+    """:func:`connect` as ``cfg.run`` says (the dashboard only where Ray Train needs it)."""
+    dashboard = cfg.run.dashboard
+    connect(cfg.run.address, dashboard=uses_ray_train(cfg) if dashboard is None else dashboard)
 
 
 def alive_nodes() -> list[dict[str, float]]:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from engine.client import ClientSpec, derive_seed, shard_builder
-from engine.cluster import connect
+from engine.cluster import connect_for
 from engine.config import ExperimentConfig
 from engine.data import domain_catalog, resolve_cache_dir, resolve_data_root
 from engine.data.prepare import ShardRecipe
@@ -96,7 +96,7 @@ class Session:
         from engine.pool import ActorPool
 
         started = time.monotonic()
-        connect(self.cfg.run.address)
+        connect_for(self.cfg)
         specs = client_specs(self.cfg, self.pooled)
         if self.cfg.pretrain.method == "mim":
             from engine.pretrain import pretrained_base

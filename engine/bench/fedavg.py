@@ -132,7 +132,7 @@ def run_engine(cfg: ExperimentConfig, out: Path) -> tuple[float, State, dict[str
     """
     import ray
 
-    from engine.cluster import connect
+    from engine.cluster import connect_for
     from engine.session import Session
     from engine.simulation import Callback, Simulation
     from engine.storage import Storage
@@ -145,7 +145,7 @@ def run_engine(cfg: ExperimentConfig, out: Path) -> tuple[float, State, dict[str
 
     started = time.perf_counter()
     fresh = not ray.is_initialized()
-    connect(cfg.run.address)
+    connect_for(cfg)
     ray_s = time.perf_counter() - started
     session = Session(cfg, pooled=False).start()
     session_s = time.perf_counter() - started - ray_s

@@ -255,6 +255,10 @@ class RunConfig:
     and settings are identical (see :mod:`engine.fitcache`); sweeps turn it on.
     ``evaluate_every`` runs the federated validation every that many rounds (0: never; the
     final test evaluation always runs).
+    ``dashboard`` starts Ray's dashboard with a local Ray (``None``: only when the experiment
+    runs Ray Train jobs, whose placement-group cleanup queries the State API the dashboard
+    serves; it costs a few seconds of start-up on a small machine). It does not apply when
+    joining a running cluster.
     """
 
     storage_path: str = "runs"
@@ -263,6 +267,7 @@ class RunConfig:
     address: str | None = None
     cache_fits: bool = False
     evaluate_every: int = 1
+    dashboard: bool | None = None
 
 
 @dataclass(frozen=True)

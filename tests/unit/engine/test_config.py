@@ -63,3 +63,18 @@ def test_every_shipped_experiment_config_loads() -> None:
 def test_from_dict_int_is_accepted_for_float() -> None:
     cfg = from_dict(ExperimentConfig, {"clients": {"num_cpus": 2}})
     assert cfg.clients.num_cpus == 2.0 and isinstance(cfg.clients.num_cpus, float)
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    ({}, False),
+    ({"strategy": {"name": "universal"}}, True),
+    ({"pretrain": {"method": "mim"}}, True),
+    ({"evaluation": {"baselines": ["fedavg", "universal"]}}, True),
+])
+def test_dashboard_only_where_ray_train_runs(overrides: dict, expected: bool) -> None:
+    from engine.cluster import uses_ray_train
+
+    cfg = from_dict(ExperimentConfig, {"strategy": {"name": "fedavg"}, **overrides})
+    assert uses_ray_train(cfg) is expected
+    assert load_config(None, ["run.dashboard=false"]).run.dashboard is False
+    assert load_config(None).run.dashboard is None

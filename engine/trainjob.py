@@ -84,7 +84,7 @@ def fit_trainer(loop: Callable[[dict[str, Any]], None], config: Mapping[str, Any
                           gpus_per_worker=gpus_per_worker)
     resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
-        loop, train_loop_config=dict(config),
+        _with_threads(loop, max(1, int(cpus_per_worker))), train_loop_config=dict(config),
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -97,6 +97,18 @@ def fit_trainer(loop: Callable[[dict[str, Any]], None], config: Mapping[str, Any
     if result.error is not None:
         raise RuntimeError(f"{knob} job {name} failed: {result.error}") from result.error
     return result
+
+
+def _with_threads(loop: Callable[[dict[str, Any]], None], threads: int
+                  ) -> Callable[[dict[str, Any]], None]:
+    """``loop`` with torch's intra-op threads set to the worker's whole CPUs (as the client
+    actors do), so a worker given 2 CPUs computes on 2 cores."""
+
+    def threaded(config: dict[str, Any]) -> None:
+        torch.set_num_threads(threads)
+        loop(config)
+
+    return threaded
 
 
 def report(metrics: Mapping[str, float], state: Mapping[str, torch.Tensor] | None) -> None:

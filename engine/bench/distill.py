@@ -8,6 +8,7 @@ inside the job; ``wall_s`` adds Ray Train's start-up and shut-down around it.
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from dataclasses import replace
@@ -35,10 +36,13 @@ def _request(cfg: ExperimentConfig, steps: int, batch_size: int, workers: int) -
                                 num_classes=spec.num_classes,
                                 state={k: v.detach() for k, v in net.state_dict().items()}))
     student = {k: v for k, v in teachers[0].state.items() if k.startswith("encoder.")}
+    gpu = torch.cuda.is_available()
+    # every row uses the whole machine: the single process all cores (torch's default), each
+    # of n Train workers cores / n of them (or 1 / n of the GPU)
     settings = replace(DistillSettings(), steps=steps, eval_every=steps, patience=10**6,
-                       batch_size=batch_size, num_workers=workers,
-                       use_gpu=torch.cuda.is_available(),
-                       gpus_per_worker=1.0 / workers if torch.cuda.is_available() else 1.0)
+                       batch_size=batch_size, num_workers=workers, use_gpu=gpu,
+                       cpus_per_worker=1.0 if gpu else max(1.0, (os.cpu_count() or 1) // workers),
+                       gpus_per_worker=1.0 / workers if gpu else 1.0)
     return DistillRequest(student=student, teachers=teachers, previous={},
                           heads={t.domain: (t.task, t.num_classes) for t in teachers},
                           settings=settings, tag=f"bench-{workers}w")

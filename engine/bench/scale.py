@@ -8,6 +8,7 @@ the peak resident memory of the driver plus all actors.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import threading
 import time
@@ -21,7 +22,9 @@ from engine.session import resolve_paths
 
 
 class MemoryPeak:
-    """Samples the summed RSS of this process and the given pids in a thread."""
+    """Samples, in a thread, the summed RSS of this process, every process it started
+    (a local Ray's GCS, raylet, dashboard and workers, the actors among them) and the given
+    pids (actors of a Ray this process joined)."""
 
     def __init__(self, interval_s: float = 0.2) -> None:
         self.pids: set[int] = set()
@@ -32,12 +35,16 @@ class MemoryPeak:
     def _loop(self, interval_s: float) -> None:
         me = psutil.Process()
         while not self._stop.is_set():
-            total = me.memory_info().rss
-            for pid in list(self.pids):
-                try:
-                    total += psutil.Process(pid).memory_info().rss
-                except psutil.Error:
-                    continue
+            procs = {me.pid: me}
+            with contextlib.suppress(psutil.Error):
+                procs.update({p.pid: p for p in me.children(recursive=True)})
+            for pid in self.pids - set(procs):
+                with contextlib.suppress(psutil.Error):
+                    procs[pid] = psutil.Process(pid)
+            total = 0
+            for proc in procs.values():
+                with contextlib.suppress(psutil.Error):
+                    total += proc.memory_info().rss
             self.peak = max(self.peak, total)
             time.sleep(interval_s)
 

@@ -13,7 +13,7 @@ from typing import Any
 import ray
 import torch
 
-from engine.client import Client, ClientSpec
+from engine.client import Client, ClientSpec, shard_builder
 from engine.config import DataConfig, ModelConfig, TrainConfig
 from strategies.types import ClientInfo, EvaluateIns, EvaluateRes, FitIns, FitRes, State
 
@@ -25,7 +25,8 @@ class ClientHost:
                  data: DataConfig, *, seed: int, num_threads: int) -> None:
         torch.set_num_threads(max(1, num_threads))
         models: dict[tuple, Any] = {}  # one network per head layout, shared by the clients
-        self.clients = {s.cid: Client(s.resolve(data), model, train, seed=seed,
+        builder = shard_builder(data)
+        self.clients = {s.cid: Client(s.resolve(data, builder), model, train, seed=seed,
                                       max_train_samples=data.max_train_samples,
                                       max_eval_samples=data.max_eval_samples, models=models)
                         for s in specs}

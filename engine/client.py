@@ -48,11 +48,12 @@ class ClientSpec:
     shards: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     recipes: tuple[ShardRecipe, ...] = ()
 
-    def resolve(self, data: DataConfig) -> ClientSpec:
-        """This spec with its recipes turned into shard paths on the current node."""
+    def resolve(self, data: DataConfig, builder: ShardBuilder | None = None) -> ClientSpec:
+        """This spec with its recipes turned into shard paths on the current node
+        (``builder``: one shared by many specs, so a partition is located once)."""
         if not self.recipes:
             return self
-        builder = shard_builder(data)
+        builder = builder or shard_builder(data)
         shards = {r.domain: {s: str(p) for s, p in r.resolve(builder).items()}
                   for r in self.recipes}
         return ClientSpec(self.cid, shards=shards)

@@ -34,6 +34,7 @@ from engine.data.unify import normalisation_stats, unify_images
 logger = logging.getLogger(__name__)
 
 POOL_OWNER = "server-pool"
+PARTITION_COMPLETE = "COMPLETE"  # written last into a partition's folder
 ShardPaths = dict[str, Path]
 """split name -> shard file."""
 
@@ -81,8 +82,12 @@ class ShardRecipe:
         """The shard paths on this node (built now if this node has none yet)."""
         if self.num_clients == 1:
             return builder.domain(self.domain)
-        return builder.partitions(self.domain, self.num_clients, scheme=self.scheme,
-                                  seed=self.seed, alpha=self.alpha)[self.index]
+        return builder.partition(self.domain, self.num_clients, self.index,
+                                 scheme=self.scheme, seed=self.seed, alpha=self.alpha)
+
+
+def _client_paths(folder: Path, index: int) -> ShardPaths:
+    return {s: folder / f"client-{index:05d}" / f"{s}.parquet" for s in SPLITS}
 
 
 class ShardBuilder:
@@ -109,6 +114,7 @@ class ShardBuilder:
         self.mednist = mednist or MedNISTSplitSettings()
         self.download = download
         self._mednist_cache: tuple[MedNISTArrays, MedNISTSplit] | None = None
+        self._partitions: dict[tuple, Path] = {}
 
     # -- locations ---------------------------------------------------------------------
     def _mednist_key(self) -> list:
@@ -187,24 +193,44 @@ class ShardBuilder:
         at least one training sample; with more clients than val / test samples, some
         clients have empty val / test splits.
         """
+        folder = self._partition_folder(name, num_clients, scheme, seed, alpha)
+        return [_client_paths(folder, i) for i in range(num_clients)]
+
+    def partition(self, name: str, num_clients: int, index: int,
+                  scheme: PartitionScheme = "iid", seed: int = 0, alpha: float = 0.5
+                  ) -> ShardPaths:
+        """Client ``index``'s part of :meth:`partitions` (the partition is written once and
+        then found in constant time, however many clients resolve it)."""
+        if not 0 <= index < num_clients:
+            raise DataError(f"client index {index} out of range for {num_clients} clients")
+        return _client_paths(self._partition_folder(name, num_clients, scheme, seed, alpha),
+                             index)
+
+    def _partition_folder(self, name: str, num_clients: int, scheme: PartitionScheme,
+                          seed: int, alpha: float) -> Path:
+        key = (name, num_clients, scheme, seed, alpha)
+        if key in self._partitions:  # every client of an actor resolves the same partition
+            return self._partitions[key]
         base = self.domain(name)
         folder = self.domain_dir(name) / f"{scheme}-{num_clients}-s{seed}-a{alpha:g}"
-        out = [{s: folder / f"client-{i:05d}" / f"{s}.parquet" for s in SPLITS}
-               for i in range(num_clients)]
-        if all(p.exists() for client in out for p in client.values()):
-            return out
-        shards = {s: read_shard(base[s]) for s in SPLITS}
-        parts = {s: partition(shards[s].labels, scheme, num_clients, seed, alpha,
-                              min_size=1 if s == "train" or len(shards[s]) >= num_clients
-                              else 0)
-                 for s in SPLITS}
-        for i, client in enumerate(out):
-            owner = f"{name}#{i}"
-            mean, std = normalisation_stats(shards["train"].images[parts["train"][i]])
-            for s in SPLITS:
-                write_shard(client[s], shards[s].subset(parts[s][i], owner=owner, mean=mean,
-                                                        std=std))
-        return out
+        complete = folder / PARTITION_COMPLETE
+        if not complete.exists():
+            out = [_client_paths(folder, i) for i in range(num_clients)]
+            if not all(p.exists() for client in out for p in client.values()):
+                shards = {s: read_shard(base[s]) for s in SPLITS}
+                parts = {s: partition(shards[s].labels, scheme, num_clients, seed, alpha,
+                                      min_size=1 if s == "train"
+                                      or len(shards[s]) >= num_clients else 0)
+                         for s in SPLITS}
+                for i, client in enumerate(out):
+                    owner = f"{name}#{i}"
+                    mean, std = normalisation_stats(shards["train"].images[parts["train"][i]])
+                    for s in SPLITS:
+                        write_shard(client[s], shards[s].subset(parts[s][i], owner=owner,
+                                                                mean=mean, std=std))
+            complete.write_text(str(num_clients))  # last: a crash mid-way leaves no marker
+        self._partitions[key] = folder
+        return folder
 
     def _mednist(self) -> tuple[MedNISTArrays, MedNISTSplit]:
         if self._mednist_cache is None:

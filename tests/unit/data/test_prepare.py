@@ -6,12 +6,14 @@ import numpy as np
 import pytest
 
 from engine.data import (
+    DataError,
     MedNISTSplitSettings,
     ShardBuilder,
     domain_catalog,
     load_medmnist,
     read_shard,
 )
+from engine.data.prepare import PARTITION_COMPLETE
 from engine.data.unify import unify_images
 
 
@@ -83,3 +85,19 @@ def test_partitions_cover_the_domain(builder: ShardBuilder, scheme: str) -> None
         parts = [read_shard(c[split]) for c in clients]
         assert sorted(i for p in parts for i in p.ids) == sorted(base[split].ids)
         assert {p.meta.owner for p in parts} == {f"pneumonia#{i}" for i in range(8)}
+
+
+def test_partition_is_found_per_client_and_rebuilt_after_a_crash(builder: ShardBuilder) -> None:
+    clients = builder.partitions("breast", 5, scheme="iid", seed=3)
+    folder = clients[0]["train"].parents[1]
+    assert (folder / PARTITION_COMPLETE).exists()
+    fresh = ShardBuilder(builder.catalog, builder.data_root, builder.cache_dir, download=False)
+    assert [fresh.partition("breast", 5, i, scheme="iid", seed=3) for i in range(5)] == clients
+    with pytest.raises(DataError, match="out of range"):
+        fresh.partition("breast", 5, 5, scheme="iid", seed=3)
+    # a crash mid-write: no marker, a shard missing -> the next builder writes it again
+    (folder / PARTITION_COMPLETE).unlink()
+    clients[4]["test"].unlink()
+    again = ShardBuilder(builder.catalog, builder.data_root, builder.cache_dir, download=False)
+    assert again.partition("breast", 5, 4, scheme="iid", seed=3) == clients[4]
+    assert clients[4]["test"].exists() and (folder / PARTITION_COMPLETE).exists()

@@ -122,7 +122,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             print(json.dumps({**out, "machine": machine()}, indent=2, default=float))
             return 0 if out["accuracy_agrees"] else 1
         columns = ["method", "wall_s", "samples", "samples_per_s",
-                   f"time_vs_{methods[0]}", "speedup_vs_flower", "test_acc", "test_auc"]
+                   f"time_vs_{methods[0]}", "speedup_vs_flower", "of_ceiling", "test_acc",
+                   "test_auc"]
         extra = {"accuracy agrees": f"{out['accuracy_agrees']} (tolerance "
                  f"{out['tolerance']})", "max weight difference":
                  f"{out['max_weight_difference']:.2e}",
@@ -240,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="client actors (default: one per client on GPU, per core on CPU)")
     fed.add_argument("--cpus-per-actor", type=float, default=None)
     fed.add_argument("--gpus-per-actor", type=float, default=None)
-    fed.add_argument("--methods", default=None, help="comma list of sequential,engine,flower")
+    fed.add_argument("--methods", default=None,
+                     help="comma list of sequential,engine,flower,ceiling (default: all)")
     fed.add_argument("--arch", default="resnet18", choices=["resnet18", "vit"],
                      help="resnet18 (the reference workload) or a tiny vit (quick checks)")
     dis = bench_cmds.add_parser("distill", help="distillation: one process vs Ray Train")

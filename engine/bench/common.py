@@ -34,7 +34,7 @@ def print_table(title: str, rows: Sequence[dict[str, Any]], columns: Sequence[st
         table.add_column(col, justify="left" if col in ("method", "workers") else "right")
     for row in rows:
         table.add_row(*[_fmt(row.get(c)) for c in columns])
-    console = Console(width=max(Console().width, 110))
+    console = Console(width=max(Console().width, 130))
     console.print(table)
     for key, value in (extra or {}).items():
         console.print(f"{key}: {value}")

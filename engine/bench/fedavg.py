@@ -4,7 +4,11 @@
    compute floor on one device);
 2. ``engine``: this engine (client actors, object store, FedAvg strategy);
 3. ``flower``: Flower 1.42 ``run_simulation`` on its Ray backend, driving the very same
-   ``Client`` through :mod:`engine.flower`, with the same resources per client actor.
+   ``Client`` through :mod:`engine.flower`, with the same resources per client actor;
+4. ``ceiling``: the device's throughput ceiling for this model: one process, one model,
+   every client's training images as one set, batch 2048, bf16 autocast, channels-last and
+   ``torch.compile`` on CUDA (plain float32 eager on CPU, where compiling is not worth it);
+   it trains the same number of samples but is not federated, so it is timed, not scored.
 
 Reference workload: PneumoniaMNIST split IID over the clients, MONAI ResNet-18 adapted to
 28 x 28 (3x3 stride-1 stem, no max-pool), SGD, bf16 autocast and channels-last on CUDA.
@@ -36,7 +40,8 @@ from strategies.types import EvaluateIns, FitRes, State
 
 logger = logging.getLogger(__name__)
 DOMAIN = "pneumonia"
-METHODS = ("sequential", "engine", "flower")
+METHODS = ("sequential", "engine", "flower", "ceiling")
+FEDERATED = ("sequential", "engine", "flower")  # the methods that must agree
 
 
 @dataclass(frozen=True)
@@ -121,6 +126,53 @@ def run_sequential(cfg: ExperimentConfig, specs: list[ClientSpec]) -> tuple[floa
         strategy.aggregate_fit(server_round, results, {})
     wall = time.perf_counter() - started
     return wall, strategy.client_state(sorted(clients)[0])
+
+
+def run_ceiling(cfg: ExperimentConfig, specs: list[ClientSpec], samples: int,
+                batch_size: int = 2048) -> float:
+    """The ceiling: ``samples`` training samples through one model in big batches; returns
+    the time those samples take at the rate of the timed steps (whole batches, after two
+    untimed warm-up steps that compile)."""
+    from engine.client import pick_device
+    from engine.models import build_model
+
+    device = pick_device()
+    gpu = device.type == "cuda"
+    clients = [Client(s.resolve(cfg.data), cfg.model, cfg.train, seed=cfg.seed,
+                      max_train_samples=cfg.data.max_train_samples, device=str(device))
+               for s in specs]
+    x = torch.cat([c.data[DOMAIN]["train"].x for c in clients])
+    y = torch.cat([c.data[DOMAIN]["train"].y for c in clients])
+    loss_of = clients[0]._loss  # the clients' own loss function, not a copy
+    torch.manual_seed(cfg.seed)
+    net = build_model(cfg.model, {DOMAIN: 2}).to(device)
+    if gpu:
+        net = net.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    forward = torch.compile(net) if gpu else net
+    optimizer = torch.optim.SGD(net.parameters(), lr=cfg.train.lr, momentum=0.9)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    batch = min(batch_size, len(x))
+
+    def step() -> None:
+        idx = torch.randint(len(x), (batch,), generator=generator).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
+            logits = forward(x[idx], DOMAIN)
+        loss = loss_of(logits.float(), y[idx], DOMAIN)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(2):
+        step()
+    if gpu:
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(max(1, -(-samples // batch))):
+        step()
+    if gpu:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - started) * samples / (max(1, -(-samples // batch)) * batch)
 
 
 def run_engine(cfg: ExperimentConfig, out: Path) -> tuple[float, State, dict[str, float]]:
@@ -219,6 +271,11 @@ def bench_fedavg(workload: FedAvgWorkload, *, data_root: str | None = None,
             elif method == "flower":
                 (Path(tmp) / "flower").mkdir()
                 wall, state = run_flower(cfg, Path(tmp) / "flower")
+            elif method == "ceiling":
+                wall = run_ceiling(cfg, specs, samples)
+                rows.append({"method": method, "wall_s": wall, "samples": samples,
+                             "samples_per_s": samples / wall})
+                continue
             else:
                 raise ValueError(f"unknown method {method!r}; use {METHODS}")
             states[method] = state
@@ -232,10 +289,14 @@ def bench_fedavg(workload: FedAvgWorkload, *, data_root: str | None = None,
     by = {r["method"]: r for r in rows}
     if "flower" in by and "engine" in by:
         by["engine"]["speedup_vs_flower"] = by["flower"]["wall_s"] / by["engine"]["wall_s"]
-    accs = [r["test_acc"] for r in rows]
-    agree = max(accs) - min(accs) <= tolerance
-    max_weight_diff = max((float((states[m][k].float() - states[methods[0]][k].float())
-                                 .abs().max()) for m in methods for k in states[m]
+    if "ceiling" in by:
+        for row in rows:
+            row["of_ceiling"] = row["samples_per_s"] / by["ceiling"]["samples_per_s"]
+    accs = [r["test_acc"] for r in rows if "test_acc" in r]
+    agree = max(accs) - min(accs) <= tolerance if accs else True
+    first = next(iter(states), None)
+    max_weight_diff = max((float((states[m][k].float() - states[first][k].float())
+                                 .abs().max()) for m in states for k in states[m]
                            if states[m][k].is_floating_point()), default=0.0)
     return {"rows": rows, "accuracy_agrees": agree, "tolerance": tolerance,
             "engine_breakdown": breakdown,

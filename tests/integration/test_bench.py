@@ -26,12 +26,13 @@ def test_bench_fedavg_three_ways_agree(data_root: Path, capsys: pytest.CaptureFi
                 "--data-root", str(data_root)])
     out = _json(capsys)
     assert code == 0 and out["accuracy_agrees"]
-    assert [r["method"] for r in out["rows"]] == ["sequential", "engine", "flower"]
+    assert [r["method"] for r in out["rows"]] == ["sequential", "engine", "flower", "ceiling"]
     # same start, same batches, same clients: the three final models are the same model
     assert out["max_weight_difference"] < 1e-3
     for row in out["rows"]:
-        assert row["samples"] == 2 * 32 and row["samples_per_s"] > 0
+        assert row["samples"] == 2 * 32 and row["samples_per_s"] > 0 and row["of_ceiling"] > 0
     assert out["rows"][1]["speedup_vs_flower"] > 0
+    assert out["rows"][3]["of_ceiling"] == 1.0 and "test_acc" not in out["rows"][3]
 
 
 @pytest.mark.usefixtures("ray_local")

@@ -12,7 +12,7 @@ from engine.sweep_space import tune_space
 REPO = Path(__file__).resolve().parents[3]
 
 
-@pytest.mark.parametrize("name", ["ci", "universal"])
+@pytest.mark.parametrize("name", ["ci", "cpu", "universal"])
 def test_shipped_sweeps_load(name: str) -> None:
     sweep, base = load_sweep(REPO / "experiments" / "sweeps" / f"{name}.yaml")
     assert sweep.name == name and sweep.space

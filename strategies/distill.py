@@ -89,7 +89,28 @@ def agreement(student: torch.Tensor, teacher: torch.Tensor, task: TaskType) -> t
 
 
 @dataclass(frozen=True)
-class DistillSettings:
+class TrainScaling:
+    """How a server-side Ray Train job is spread: ``num_workers`` DDP workers with
+    ``cpus_per_worker`` CPUs each and, when ``use_gpu``, ``gpus_per_worker`` GPUs each
+    (fractions share a device with the client actors)."""
+
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    gpus_per_worker: float = 1.0
+
+    def check_scaling(self, knob: str) -> None:
+        """Raise ``ValueError`` naming ``knob`` (the config section) for bad scaling."""
+        if self.num_workers < 1:
+            raise ValueError(f"{knob}.num_workers must be >= 1")
+        if self.cpus_per_worker <= 0:
+            raise ValueError(f"{knob}.cpus_per_worker must be > 0")
+        if self.use_gpu and not 0 < self.gpus_per_worker <= 8:
+            raise ValueError(f"{knob}.gpus_per_worker must be in (0, 8]")
+
+
+@dataclass(frozen=True)
+class DistillSettings(TrainScaling):
     """Knobs of the distillation (``distill.*`` in the experiment config)."""
 
     temperature: float = 4.0
@@ -103,24 +124,15 @@ class DistillSettings:
     eval_every: int = 50
     patience: int = 3
     holdout_fraction: float = 0.1
-    num_workers: int = 1
-    cpus_per_worker: float = 1.0
-    use_gpu: bool = False
-    gpus_per_worker: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.use_gpu and not 0 < self.gpus_per_worker <= 8:
-            raise ValueError("distill.gpus_per_worker must be in (0, 8]")
-        if self.cpus_per_worker <= 0:
-            raise ValueError("distill.cpus_per_worker must be > 0")
+        self.check_scaling("distill")
         if self.temperature <= 0 or self.beta < 0 or self.gamma < 0:
             raise ValueError("distill.temperature must be > 0; beta and gamma >= 0")
         if self.steps < 1 or self.eval_every < 1 or self.patience < 1:
             raise ValueError("distill.steps, eval_every and patience must be >= 1")
         if not 0 < self.holdout_fraction < 0.5:
             raise ValueError("distill.holdout_fraction must be in (0, 0.5)")
-        if self.num_workers < 1:
-            raise ValueError("distill.num_workers must be >= 1")
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 from engine.data.catalog import MISSION_DOMAINS
-from strategies.distill import DistillSettings
+from strategies.distill import DistillSettings, TrainScaling
 
 
 @dataclass(frozen=True)
@@ -186,7 +186,7 @@ class StrategyConfig:
 
 
 @dataclass(frozen=True)
-class PretrainConfig:
+class PretrainConfig(TrainScaling):
     """The server's base encoder: random (``none``) or masked image modelling (``mim``).
 
     The MAE (MONAI ``MaskedAutoEncoderViT``) uses the encoder sizes of ``model``; its
@@ -204,16 +204,13 @@ class PretrainConfig:
     decoder_mlp_dim: int = 128
     decoder_num_layers: int = 2
     decoder_num_heads: int = 4
-    num_workers: int = 1
-    cpus_per_worker: float = 1.0
-    use_gpu: bool = False
-    gpus_per_worker: float = 1.0
 
     def __post_init__(self) -> None:
+        self.check_scaling("pretrain")
         if not 0.0 < self.mask_ratio < 1.0:
             raise ValueError("pretrain.mask_ratio must be in (0, 1)")
-        if self.epochs < 1 or self.batch_size < 1 or self.num_workers < 1:
-            raise ValueError("pretrain.epochs, batch_size and num_workers must be >= 1")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("pretrain.epochs and batch_size must be >= 1")
 
 
 @dataclass(frozen=True)

@@ -120,7 +120,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         out = bench_fedavg(workload, data_root=args.data_root, methods=methods)
         if args.json:
             print(json.dumps({**out, "machine": machine()}, indent=2, default=float))
-            return 0 if out["accuracy_agrees"] else 1
+            return 1 if out["accuracy_agrees"] is False else 0
         columns = ["method", "wall_s", "samples", "samples_per_s",
                    f"time_vs_{methods[0]}", "speedup_vs_flower", "of_ceiling", "test_acc",
                    "test_auc"]
@@ -132,7 +132,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                  "workload": out["workload"],
                  "machine": machine()}
         print_table("umim bench fedavg", out["rows"], columns, args.json, extra)
-        return 0 if out["accuracy_agrees"] else 1
+        return 1 if out["accuracy_agrees"] is False else 0
     if args.bench == "distill":
         from engine.bench.distill import bench_distill
 

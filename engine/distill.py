@@ -121,11 +121,15 @@ def _student(request: DistillRequest, model_cfg: ModelConfig, taught: list[str])
     own = net.state_dict()
     init = {k: v for k, v in request.student.items() if k in own}
     for domain in heads:  # a new head starts as the mean of its teachers' heads
-        if not select(init, f"heads.{domain}."):
-            teachers = [t for t in request.teachers if t.domain == domain]
-            for key in select(own, f"heads.{domain}."):
-                if teachers:
-                    init[key] = torch.stack([t.state[key].float() for t in teachers]).mean(0)
+        if select(init, f"heads.{domain}."):
+            continue
+        teachers = [t for t in request.teachers if t.domain == domain]
+        if not teachers:
+            logger.warning("head %s has no previous global head and no teacher this round: "
+                           "it keeps its random initialisation", domain)
+            continue
+        for key in select(own, f"heads.{domain}."):
+            init[key] = torch.stack([t.state[key].float() for t in teachers]).mean(0)
     missing = [k for k in own if k not in init and not k.startswith("heads.")]
     if missing:
         raise ValueError(f"student state lacks encoder tensors {missing[:3]}")
@@ -170,6 +174,9 @@ class DistillJob:
         self.train_t = _targets(request, model_cfg, self.x_train, device)
         self.hold_t = _targets(request, model_cfg, self.x_hold, device)
         self.retained = sorted(self.train_t["previous"])
+        # (D, N): fixed per pool image, since the teachers' confidences never change
+        self.weights = teacher_weights(torch.stack([self.train_t["conf"][d]
+                                                    for d in self.taught]), s.weighting)
         student = _student(request, model_cfg, self.taught).to(device)
         self.module = wrap(student) if wrap is not None else student
         self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=s.lr,
@@ -188,8 +195,7 @@ class DistillJob:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
             _, logits, projected = self.module(xb)
         idx_d = idx.to(self.device)
-        weights = teacher_weights(torch.stack([t["conf"][d][idx_d] for d in self.taught]),
-                                  s.weighting)
+        weights = self.weights[:, idx_d]
         kd = sum((weights[i] * kd_per_sample(logits[d], t["probs"][d][idx_d], s.temperature,
                                              self.tasks[d])).mean()
                  for i, d in enumerate(self.taught))
@@ -318,7 +324,7 @@ class RayTrainDistiller(DistillService):
                                             "data": self.data},
                              num_workers=s.num_workers, use_gpu=s.use_gpu,
                              storage_path=self.storage_path, name=request.tag,
-                             score=None, knob="distill",
+                             knob="distill",
                              callbacks=self.callbacks(request) if self.callbacks else None,
                              cpus_per_worker=s.cpus_per_worker,
                              gpus_per_worker=s.gpus_per_worker)

@@ -50,7 +50,6 @@ class FitCache:
                                    "train": to_dict(cfg.train), "seed": cfg.seed,
                                    "gpu": cfg.clients.num_gpus > 0,
                                    "torch": torch.__version__}, sort_keys=True, default=str)
-        self.hits = 0
 
     def key(self, cid: str, ins: FitIns) -> str:
         """The cache key of instruction ``ins`` to client ``cid``."""
@@ -65,7 +64,6 @@ class FitCache:
         if not path.exists():
             return None
         data = torch.load(io.BytesIO(path.read_bytes()), weights_only=True)
-        self.hits += 1
         return FitRes(cid=cid, state=data["state"], num_examples=int(data["num_examples"]),
                       metrics={k: float(v) for k, v in data["metrics"].items()})
 

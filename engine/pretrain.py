@@ -13,7 +13,7 @@ import io
 import json
 import logging
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from engine.config import DataConfig, ModelConfig, PretrainConfig
 from engine.data.shards import read_shard
 from engine.data.unify import UNIFIED_CHANNELS, UNIFIED_SIZE
 from engine.trainjob import fit_trainer, load_checkpoint_state, report, unwrap
+from strategies.distill import TrainScaling
 
 logger = logging.getLogger(__name__)
 CURVE_KEY = "_curve"
@@ -135,8 +136,10 @@ def mim_loop(config: dict[str, Any]) -> None:
 
 def base_fingerprint(model: ModelConfig, pretrain: PretrainConfig, pool_path: Path,
                      pool_size: int | None, seed: int) -> str:
-    """Identity of a base: every setting that changes its weights (not the worker count)."""
-    settings = {k: v for k, v in asdict(pretrain).items() if k not in ("num_workers", "use_gpu")}
+    """Identity of a base: its settings without how the job is spread over workers
+    (:class:`~strategies.distill.TrainScaling`), so one base serves every cluster shape."""
+    scaling = {f.name for f in fields(TrainScaling)}
+    settings = {k: v for k, v in asdict(pretrain).items() if k not in scaling}
     payload = json.dumps([asdict(model), settings, pool_path.parent.name, pool_size, seed],
                          sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -167,7 +170,7 @@ def pretrained_base(model: ModelConfig, pretrain: PretrainConfig, data: DataConf
                                     "seed": seed},
                          num_workers=pretrain.num_workers, use_gpu=pretrain.use_gpu,
                          storage_path=str(cache_dir / "bases" / "ray-train"),
-                         name=folder.name, score=None, knob="pretrain",
+                         name=folder.name, knob="pretrain",
                          cpus_per_worker=pretrain.cpus_per_worker,
                          gpus_per_worker=pretrain.gpus_per_worker)
     state = load_checkpoint_state(result.checkpoint)

@@ -69,9 +69,6 @@ class Study:
         logger.info("step %s done in %.1f s", step, seconds)
         self._clock = time.monotonic()
 
-    def _info(self, step: str) -> dict[str, Any]:
-        return json.loads(self.storage.read_text(f"progress/{step}.done"))
-
     # -- steps -----------------------------------------------------------------------------
     def session(self) -> Session:
         """The experiment's session (started: Ray, shards, base encoder, client actors)."""
@@ -150,7 +147,6 @@ class Study:
         teachers = base_teachers(session.actors, infos, cids, session.base, epochs=epochs,
                                  seed=self.cfg.seed)
         distiller = session.distiller(self.storage)
-        curves = {}
         for domain in pending:
             encoder, result = lodo_encoder(distiller, session.base, teachers, domain,
                                            self.cfg.distill, seed=self.cfg.seed)
@@ -159,7 +155,6 @@ class Study:
             finetune_compare(session.actors, infos, held, arms,
                              epochs=max(self.cfg.evaluation.finetune_epochs, 1),
                              seeds=self.cfg.evaluation.seeds, results=self.results)
-            curves[domain] = result.curve
             self._mark(f"lodo-{domain}", {"curve": result.curve})
 
     def _baseline(self, session: Session, name: str, seed: int) -> None:

@@ -33,7 +33,8 @@ import yaml
 from engine.config import ExperimentConfig, from_dict, to_dict
 from engine.config.loader import ConfigError, apply_overrides, load_yaml, set_dotted
 from engine.resources import ResourceError
-from engine.sweep_space import check_keys, tune_space
+from engine.sweep_space import check_keys, optuna_distributions, tune_space, validate_space
+from strategies.universal import plan_stages
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ def load_sweep(path: str | os.PathLike[str], overrides: Sequence[str] = ()
     if not sweep.space:
         raise ConfigError(f"{path}: the sweep has an empty space")
     check_keys(sweep.space, ExperimentConfig)
-    tune_space(sweep.space)  # validates the distributions
+    validate_space(sweep.space)
     experiment = Path(sweep.experiment)
     if not experiment.is_absolute():
         experiment = (path.parent / experiment).resolve()
@@ -164,6 +165,15 @@ def concurrent_trials(cfg: ExperimentConfig, nodes: Sequence[Mapping[str, float]
     return fits
 
 
+def planned_rounds(cfg: ExperimentConfig) -> int:
+    """Rounds of a trial's run: the universal strategy's stages (as it plans them, explicit
+    ``strategy.stages`` included) x rounds per stage, else ``strategy.rounds``."""
+    if cfg.strategy.name != "universal":
+        return cfg.strategy.rounds
+    stages = plan_stages(cfg.data.domains, cfg.strategy.stages, cfg.strategy.num_stages)
+    return len(stages) * cfg.strategy.rounds_per_stage
+
+
 # -- inside a trial ---------------------------------------------------------------------------
 def _round_reporter() -> Any:
     from ray import tune
@@ -205,7 +215,9 @@ def _distill_callbacks(reporter: Any) -> Any:
             first = dict(metrics[0])
             extra = self.extra
             first.update({METRIC: extra["objective"], "rounds_done": extra["round"] - 1,
-                          TIME_ATTR: extra["round"] - 1 + first.get("step", 0) / extra["steps"]})
+                          # below the round's own milestone, which its validation reaches
+                          TIME_ATTR: extra["round"] - 1
+                          + first.get("step", 0) / (extra["steps"] + 1)})
             super().after_report(run_context, [first, *metrics[1:]], checkpoint)
 
     def make(request: Any) -> list[Any]:
@@ -271,14 +283,13 @@ def _tuner(sweep: SweepConfig, base: Mapping[str, Any], folder: Path, *,
         return tune.Tuner.restore(str(folder / "tune" / sweep.name), trainable,
                                   resume_unfinished=True, resume_errored=False)
     # The study lives in the searcher, which Tune checkpoints with the experiment state, so
-    # both always agree on which trials finished; write_outputs exports it to optuna.db.
+    # both always agree on which trials finished; write_outputs exports the trials to optuna.db.
     default = {k: _get(base, k) for k in sweep.space}
     searcher = OptunaSearch(metric=METRIC, mode="max", seed=sweep.search.seed,
                             study_name=sweep.name,
                             points_to_evaluate=[default] if sweep.search.include_default
                             else None)
-    rounds = (cfg.strategy.num_stages * cfg.strategy.rounds_per_stage
-              if cfg.strategy.name == "universal" else cfg.strategy.rounds)
+    rounds = planned_rounds(cfg)
     scheduler = (ASHAScheduler(time_attr=TIME_ATTR, metric=METRIC, mode="max",
                                max_t=max(rounds, 1), grace_period=sweep.search.grace_period,
                                reduction_factor=sweep.search.reduction_factor,
@@ -366,8 +377,7 @@ def write_outputs(folder: Path, sweep_cfg: SweepConfig, base: Mapping[str, Any],
     import pyarrow.parquet as pq
 
     cfg = from_dict(ExperimentConfig, base)
-    rounds = (cfg.strategy.num_stages * cfg.strategy.rounds_per_stage
-              if cfg.strategy.name == "universal" else cfg.strategy.rounds)
+    rounds = planned_rounds(cfg)
     invoked = _invocation_params(folder)
     rows = []
     for result in grid:
@@ -485,18 +495,6 @@ def _plots(folder: Path, rows: list[dict[str, Any]], sweep_cfg: SweepConfig) -> 
     (folder / "importance.json").write_text(json.dumps(importance, indent=2))
 
 
-def _distribution(spec: Mapping[str, Any]) -> Any:
-    import optuna
-
-    kind, args = next(iter(spec.items()))
-    if kind == "choice":
-        return optuna.distributions.CategoricalDistribution(list(args))
-    if kind == "randint":
-        return optuna.distributions.IntDistribution(int(args[0]), int(args[1]) - 1)
-    return optuna.distributions.FloatDistribution(float(args[0]), float(args[1]),
-                                                  log=kind == "loguniform")
-
-
 def _importance(folder: Path, sweep_cfg: SweepConfig, rows: list[dict[str, Any]]
                 ) -> dict[str, float]:
     """Export the trials to an Optuna study in ``optuna.db`` and rank the parameters."""
@@ -506,7 +504,7 @@ def _importance(folder: Path, sweep_cfg: SweepConfig, rows: list[dict[str, Any]]
     path.unlink(missing_ok=True)
     study = optuna.create_study(study_name=sweep_cfg.name, direction="maximize",
                                 storage=f"sqlite:///{path}")
-    distributions = {k: _distribution(v) for k, v in sweep_cfg.space.items()}
+    distributions = optuna_distributions(sweep_cfg.space)
     states = {"completed": optuna.trial.TrialState.COMPLETE,
               "stopped": optuna.trial.TrialState.PRUNED,
               "failed": optuna.trial.TrialState.FAIL}

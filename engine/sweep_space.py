@@ -77,3 +77,21 @@ def check_keys(space: Mapping[str, Any], root: type) -> None:
             node = hints[part]
         if dataclasses.is_dataclass(node):
             raise ConfigError(f"space.{key}: names a whole section, not a value")
+
+
+def optuna_distributions(space: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The Optuna distributions of ``space`` (to export finished trials to a study)."""
+    import optuna
+
+    validate_space(space)
+    out: dict[str, Any] = {}
+    for key, spec in space.items():
+        kind, args = next(iter(spec.items()))
+        if kind == "choice":
+            out[key] = optuna.distributions.CategoricalDistribution(list(args))
+        elif kind == "randint":  # Tune's randint excludes the upper bound, Optuna's includes
+            out[key] = optuna.distributions.IntDistribution(int(args[0]), int(args[1]) - 1)
+        else:
+            out[key] = optuna.distributions.FloatDistribution(
+                float(args[0]), float(args[1]), log=kind == "loguniform")
+    return out

@@ -56,7 +56,7 @@ def check_train_resources(num_workers: int, use_gpu: bool, *, knob: str,
 
 def fit_trainer(loop: Callable[[dict[str, Any]], None], config: Mapping[str, Any], *,
                 num_workers: int, use_gpu: bool, storage_path: str, name: str,
-                score: str | None, knob: str, callbacks: list[Any] | None = None,
+                knob: str, callbacks: list[Any] | None = None,
                 cpus_per_worker: float = 1.0, gpus_per_worker: float = 1.0) -> Any:
     """Run ``loop`` on a ``TorchTrainer`` and return its ``ray.train.Result``.
 
@@ -69,9 +69,6 @@ def fit_trainer(loop: Callable[[dict[str, Any]], None], config: Mapping[str, Any
         when ``use_gpu`` (fractions share a CPU or GPU with the client actors).
     storage_path, name
         Where Ray Train keeps the job's checkpoints.
-    score
-        Reported metric that ranks checkpoints (higher is better; the best is kept), or
-        ``None`` to keep the latest.
     knob
         Config section named in resource errors (``distill`` or ``pretrain``).
     callbacks
@@ -91,8 +88,7 @@ def fit_trainer(loop: Callable[[dict[str, Any]], None], config: Mapping[str, Any
             name=name, storage_path=storage_path, callbacks=callbacks or [],
             failure_config=ray.train.FailureConfig(max_failures=0),
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=1, checkpoint_score_attribute=score,
-                checkpoint_score_order="max")))  # type: ignore[arg-type]
+                num_to_keep=1)))  # the latest checkpoint
     result = trainer.fit()
     if result.error is not None:
         raise RuntimeError(f"{knob} job {name} failed: {result.error}") from result.error

@@ -22,7 +22,7 @@ def main(job: dict[str, Any]) -> None:
     from engine.bench.fedavg import DOMAIN, initial_state
     from engine.client import Client
     from engine.config import ExperimentConfig, from_dict
-    from engine.flower import make_client_app, partition_id, state_to_arrays
+    from engine.flower import arrays_to_state, make_client_app, partition_id, state_to_arrays
     from engine.session import client_specs
 
     with warnings.catch_warnings():
@@ -47,7 +47,8 @@ def main(job: dict[str, Any]) -> None:
                                   max_eval_samples=cfg.data.max_eval_samples)
         return clients[pid]
 
-    initial = state_to_arrays(initial_state(cfg))
+    like = initial_state(cfg)
+    initial = state_to_arrays(like)
     results: list[Any] = []
     server = ServerApp()
     n = len(specs)
@@ -71,9 +72,7 @@ def main(job: dict[str, Any]) -> None:
                                      "logging_level": "ERROR"}})
     wall = time.perf_counter() - started
     (result,) = results
-    like = initial_state(cfg)
-    state = {k: torch.from_numpy(v.numpy().copy()).reshape(like[k].shape).to(like[k].dtype)
-             for k, v in result.arrays.items()}
+    state = arrays_to_state(result.arrays, like)
     if set(state) != set(like):
         raise RuntimeError(f"Flower returned {len(state)} of {len(like)} arrays: a client "
                            "failed (see the log above)")

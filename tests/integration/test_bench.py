@@ -29,10 +29,13 @@ def test_bench_fedavg_three_ways_agree(data_root: Path, capsys: pytest.CaptureFi
     assert [r["method"] for r in out["rows"]] == ["sequential", "engine", "flower", "ceiling"]
     # same start, same batches, same clients: the three final models are the same model
     assert out["max_weight_difference"] < 1e-3
-    for row in out["rows"]:
-        assert row["samples"] == 2 * 32 and row["samples_per_s"] > 0 and row["of_ceiling"] > 0
-    assert out["rows"][1]["speedup_vs_flower"] > 0
-    assert out["rows"][3]["of_ceiling"] == 1.0 and "test_acc" not in out["rows"][3]
+    for row in out["rows"]:  # every method trained the same number of samples
+        assert row["samples"] == 2 * 32
+        assert row["of_ceiling"] == pytest.approx(row["samples_per_s"]
+                                                  / out["rows"][3]["samples_per_s"])
+    flower, engine = out["rows"][2], out["rows"][1]
+    assert engine["speedup_vs_flower"] == pytest.approx(flower["wall_s"] / engine["wall_s"])
+    assert "test_acc" not in out["rows"][3]  # the ceiling is timed, not federated or scored
 
 
 @pytest.mark.usefixtures("ray_local")
@@ -53,4 +56,4 @@ def test_bench_scale_packs_virtual_clients(data_root: Path,
                 "--json", "--data-root", str(data_root)]) == 0
     (row,) = _json(capsys)["rows"]
     assert row["clients"] == 40 and row["actors"] == 2 and row["clients_per_actor"] == 20
-    assert row["rounds_per_s"] > 0 and 0 < row["peak_rss_gb"] < 8
+    assert 0 < row["peak_rss_gb"] < 8

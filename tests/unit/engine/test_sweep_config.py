@@ -69,3 +69,20 @@ def test_unknown_sweep_key(tmp_path: Path) -> None:
     path.write_text("experiment: x.yaml\nsearch:\n  samples: 3\n")
     with pytest.raises(ConfigError, match=r"search\.samples"):
         load_sweep(path)
+
+
+def test_planned_rounds_follow_the_strategys_stage_plan() -> None:
+    from engine.config import ExperimentConfig, from_dict
+    from engine.sweep import planned_rounds
+
+    domains = ["breast", "pneumonia", "retina"]
+    explicit = from_dict(ExperimentConfig, {
+        "data": {"domains": domains},
+        "strategy": {"name": "universal", "stages": [["breast"], ["pneumonia"], ["retina"]],
+                     "num_stages": 2, "rounds_per_stage": 2}})
+    assert planned_rounds(explicit) == 6  # three explicit stages, not num_stages=2
+    chunks = from_dict(ExperimentConfig, {"data": {"domains": domains},
+                                          "strategy": {"name": "universal", "num_stages": 2}})
+    assert planned_rounds(chunks) == 2
+    fedavg = from_dict(ExperimentConfig, {"strategy": {"name": "fedavg", "rounds": 4}})
+    assert planned_rounds(fedavg) == 4

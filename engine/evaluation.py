@@ -16,8 +16,11 @@ from typing import Any
 import torch
 
 from engine.results import Results
+from strategies.aggregate import select
+from strategies.base import ENCODER
 from strategies.distill import DistillRequest, DistillService, DistillSettings, Teacher
 from strategies.types import ClientInfo, FitIns, State
+from strategies.universal import teachers_from
 
 logger = logging.getLogger(__name__)
 
@@ -56,16 +59,7 @@ def base_teachers(actors: Any, infos: Mapping[str, ClientInfo], cids: Sequence[s
     done, failed = actors.run("fit", instructions)
     if failed:
         logger.warning("LODO teachers missing for %s", sorted(failed))
-    teachers = []
-    for cid in sorted(done):
-        info, state = infos[cid], done[cid].state
-        for d in info.domains:
-            own = {k: v for k, v in state.items()
-                   if k.startswith("encoder.") or k.startswith(f"heads.{d}.")}
-            teachers.append(Teacher(cid=cid, domain=d, task=info.tasks[d],
-                                    num_classes=info.num_classes[d], state=own,
-                                    weight=float(done[cid].num_examples)))
-    return teachers
+    return teachers_from(done, infos)
 
 
 def lodo_encoder(distiller: DistillService, base: State, teachers: Sequence[Teacher],
@@ -76,10 +70,9 @@ def lodo_encoder(distiller: DistillService, base: State, teachers: Sequence[Teac
     request = DistillRequest(student=dict(base), teachers=kept, previous={}, heads=heads,
                              settings=settings, seed=seed, tag=f"lodo-{held_out}")
     result = distiller.distil(request)
-    encoder = {k: v for k, v in result.state.items() if k.startswith("encoder.")}
-    return encoder, result
+    return encoder_of(result.state), result
 
 
 def encoder_of(state: Mapping[str, torch.Tensor]) -> State:
     """The ``encoder.*`` tensors of a model state."""
-    return {k: v for k, v in state.items() if k.startswith("encoder.")}
+    return select(state, ENCODER)

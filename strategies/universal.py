@@ -24,6 +24,22 @@ from strategies.distill import DistillRequest, DistillService, DistillSettings, 
 from strategies.types import ClientInfo, FitIns, FitRes, State
 
 
+def teachers_from(results: Mapping[str, FitRes], infos: Mapping[str, ClientInfo]
+                  ) -> list[Teacher]:
+    """One teacher per client and domain: the client's encoder and that domain's head,
+    weighted by the client's number of training examples."""
+    teachers = []
+    for cid in sorted(results):
+        info, state = infos[cid], results[cid].state
+        for domain in info.domains:
+            teachers.append(Teacher(cid=cid, domain=domain, task=info.tasks[domain],
+                                    num_classes=info.num_classes[domain],
+                                    state={**select(state, ENCODER),
+                                           **select(state, f"{HEADS}{domain}.")},
+                                    weight=float(results[cid].num_examples)))
+    return teachers
+
+
 def plan_stages(domains: Sequence[str], stages: Sequence[Sequence[str]], num_stages: int
                 ) -> list[list[str]]:
     """The domains of each stage: ``stages`` if given, else ``num_stages`` even chunks."""
@@ -109,16 +125,9 @@ class Universal(Strategy):
             raise RuntimeError("the universal strategy needs a distiller (the engine binds one)")
         if not results:
             raise ValueError(f"round {server_round}: no teacher to distil")
-        teachers = []
-        for cid in sorted(results):
-            info = self.clients[cid]
-            for domain in info.domains:
-                state = {**select(results[cid].state, ENCODER),
-                         **select(results[cid].state, f"{HEADS}{domain}.")}
-                teachers.append(Teacher(cid=cid, domain=domain, task=info.tasks[domain],
-                                        num_classes=info.num_classes[domain], state=state,
-                                        weight=float(results[cid].num_examples)))
-        onboarded = {d for d in self.stages[:self.stage_of(server_round) + 1] for d in d}
+        teachers = teachers_from(results, self.clients)
+        onboarded = {d for stage in self.stages[:self.stage_of(server_round) + 1]
+                     for d in stage}
         heads = {}
         for info in self.clients.values():
             for d in info.domains:

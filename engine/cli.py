@@ -122,8 +122,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             print(json.dumps({**out, "machine": machine()}, indent=2, default=float))
             return 1 if out["accuracy_agrees"] is False else 0
         columns = ["method", "wall_s", "samples", "samples_per_s",
-                   f"time_vs_{methods[0]}", "speedup_vs_flower", "of_ceiling", "test_acc",
-                   "test_auc"]
+                   f"time_vs_{methods[0]}", "speedup_vs_flower", "speedup_vs_flower_resident",
+                   "of_ceiling", "test_acc", "test_auc"]
         extra = {"accuracy agrees": f"{out['accuracy_agrees']} (tolerance "
                  f"{out['tolerance']})", "max weight difference":
                  f"{out['max_weight_difference']:.2e}",
@@ -242,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     fed.add_argument("--cpus-per-actor", type=float, default=None)
     fed.add_argument("--gpus-per-actor", type=float, default=None)
     fed.add_argument("--methods", default=None,
-                     help="comma list of sequential,engine,flower,ceiling (default: all)")
+                     help="comma list of sequential,engine,flower,flower-resident,ceiling "
+                     "(default: all)")
     fed.add_argument("--arch", default="resnet18", choices=["resnet18", "vit"],
                      help="resnet18 (the reference workload) or a tiny vit (quick checks)")
     dis = bench_cmds.add_parser("distill", help="distillation: one process vs Ray Train")

@@ -33,7 +33,13 @@ import yaml
 from engine.config import ExperimentConfig, from_dict, to_dict
 from engine.config.loader import ConfigError, apply_overrides, load_yaml, set_dotted
 from engine.resources import ResourceError
-from engine.sweep_space import check_keys, optuna_distributions, tune_space, validate_space
+from engine.sweep_space import (
+    check_keys,
+    check_point,
+    optuna_distributions,
+    tune_space,
+    validate_space,
+)
 from strategies.universal import plan_stages
 
 logger = logging.getLogger(__name__)
@@ -64,6 +70,9 @@ class SearchConfig:
     include_default
         Make the first trial the base experiment's own values, so the summary can say how
         much the best trial beat the default config.
+    points_to_evaluate
+        Configurations to run next (after the default), before the sampler draws: each maps
+        some keys of the space to values; the other keys keep the base experiment's value.
     """
 
     num_samples: int = 20
@@ -73,12 +82,17 @@ class SearchConfig:
     grace_period: float = 1.0
     reduction_factor: float = 2.0
     include_default: bool = True
+    points_to_evaluate: tuple[Mapping[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         if self.num_samples < 1:
             raise ValueError("search.num_samples must be >= 1")
         if self.max_concurrent_trials is not None and self.max_concurrent_trials < 1:
             raise ValueError("search.max_concurrent_trials must be >= 1")
+        fixed = int(self.include_default) + len(self.points_to_evaluate)
+        if fixed > self.num_samples:
+            raise ValueError(f"search.num_samples ({self.num_samples}) is smaller than the "
+                             f"{fixed} configurations given to evaluate first")
 
 
 @dataclass(frozen=True)
@@ -110,6 +124,8 @@ def load_sweep(path: str | os.PathLike[str], overrides: Sequence[str] = ()
         raise ConfigError(f"{path}: the sweep has an empty space")
     check_keys(sweep.space, ExperimentConfig)
     validate_space(sweep.space)
+    for i, point in enumerate(sweep.search.points_to_evaluate):
+        check_point(sweep.space, point, f"search.points_to_evaluate[{i}]")
     experiment = Path(sweep.experiment)
     if not experiment.is_absolute():
         experiment = (path.parent / experiment).resolve()
@@ -285,10 +301,10 @@ def _tuner(sweep: SweepConfig, base: Mapping[str, Any], folder: Path, *,
     # The study lives in the searcher, which Tune checkpoints with the experiment state, so
     # both always agree on which trials finished; write_outputs exports the trials to optuna.db.
     default = {k: _get(base, k) for k in sweep.space}
+    points = ([default] if sweep.search.include_default else []) + [
+        {**default, **p} for p in sweep.search.points_to_evaluate]
     searcher = OptunaSearch(metric=METRIC, mode="max", seed=sweep.search.seed,
-                            study_name=sweep.name,
-                            points_to_evaluate=[default] if sweep.search.include_default
-                            else None)
+                            study_name=sweep.name, points_to_evaluate=points or None)
     rounds = planned_rounds(cfg)
     scheduler = (ASHAScheduler(time_attr=TIME_ATTR, metric=METRIC, mode="max",
                                max_t=max(rounds, 1), grace_period=sweep.search.grace_period,

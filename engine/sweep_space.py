@@ -41,6 +41,27 @@ def validate_space(space: Mapping[str, Mapping[str, Any]]) -> None:
             raise ConfigError(f"space.{key}: bad bounds {list(args)} for {kind}")
 
 
+def check_point(space: Mapping[str, Mapping[str, Any]], point: Mapping[str, Any],
+                where: str) -> None:
+    """A point to evaluate must name keys of ``space`` and values inside their ranges;
+    raise :class:`ConfigError` naming ``where`` and the key."""
+    validate_space(space)
+    for key, value in point.items():
+        if key not in space:
+            raise ConfigError(f"{where}: {key!r} is not in the space {sorted(space)}")
+        kind, args = next(iter(space[key].items()))
+        if kind == "choice":
+            ok = value in list(args)
+        elif isinstance(value, bool) or not isinstance(value, int | float):
+            ok = False
+        elif kind == "randint":
+            ok = isinstance(value, int) and args[0] <= value < args[1]
+        else:
+            ok = args[0] <= value <= args[1]
+        if not ok:
+            raise ConfigError(f"{where}.{key}: {value!r} is outside {kind} {list(args)}")
+
+
 def tune_space(space: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """The Ray Tune ``param_space`` of ``space`` (keys stay dotted)."""
     from ray import tune

@@ -3,17 +3,22 @@
 1. ``sequential``: one process, a plain loop of PyTorch training over the clients (the
    compute floor on one device);
 2. ``engine``: this engine (client actors, object store, FedAvg strategy);
-3. ``flower``: Flower 1.42 ``run_simulation`` on its Ray backend, driving the very same
-   ``Client`` through :mod:`engine.flower`, with the same resources per client actor;
-4. ``ceiling``: the device's throughput ceiling for this model: one process, one model,
+3. ``flower``: Flower 1.42 ``run_simulation`` on its Ray backend with a ``ClientApp``
+   written as Flower's PyTorch quickstart writes one (:mod:`engine.bench.flower_tutorial`:
+   model built per round, ``DataLoader`` with per-sample normalisation), the same model,
+   data, optimiser and batches, and the same resources per client actor: what a user would
+   otherwise pick;
+4. ``flower-resident``: Flower's ``run_simulation`` driving the engine's own resident
+   ``Client`` through :mod:`engine.flower` (Flower's orchestration cost alone);
+5. ``ceiling``: the device's throughput ceiling for this model: one process, one model,
    every client's training images as one set, batch 2048, bf16 autocast, channels-last and
    ``torch.compile`` on CUDA (plain float32 eager on CPU, where compiling is not worth it);
    it trains the same number of samples but is not federated, so it is timed, not scored.
 
 Reference workload: PneumoniaMNIST split IID over the clients, MONAI ResNet-18 adapted to
 28 x 28 (3x3 stride-1 stem, no max-pool), SGD, bf16 autocast and channels-last on CUDA.
-All three start from the same weights, see the same batches, and are scored by the same
-evaluator on the full PneumoniaMNIST test split; the command checks that they agree.
+The federated methods start from the same weights, see the same batches, and are scored by
+the same evaluator on the full PneumoniaMNIST test split; the command checks that they agree.
 """
 
 from __future__ import annotations
@@ -40,8 +45,8 @@ from strategies.types import EvaluateIns, FitRes, State
 
 logger = logging.getLogger(__name__)
 DOMAIN = "pneumonia"
-METHODS = ("sequential", "engine", "flower", "ceiling")
-FEDERATED = ("sequential", "engine", "flower")  # the methods that must agree
+METHODS = ("sequential", "engine", "flower", "flower-resident", "ceiling")
+FLOWER_STYLES = {"flower": "tutorial", "flower-resident": "resident"}
 
 
 @dataclass(frozen=True)
@@ -228,9 +233,11 @@ def run_engine(cfg: ExperimentConfig, out: Path) -> tuple[float, State, dict[str
     return marks["end"] - started, state, breakdown
 
 
-def run_flower(cfg: ExperimentConfig, out: Path, timeout_s: float = 3600) -> tuple[float, State]:
-    """Flower's ``run_simulation`` in a child process (it owns Ray while it runs)."""
-    job = {"config": to_dict(cfg), "out": str(out)}
+def run_flower(cfg: ExperimentConfig, out: Path, style: str = "tutorial",
+               timeout_s: float = 3600) -> tuple[float, State]:
+    """Flower's ``run_simulation`` in a child process (it owns Ray while it runs), with the
+    ``tutorial`` or the ``resident`` client (see :mod:`engine.bench.flower_child`)."""
+    job = {"config": to_dict(cfg), "out": str(out), "style": style}
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.run([sys.executable, "-m", "engine.bench.flower_child", json.dumps(job)],
                           env=env, capture_output=True, text=True, timeout=timeout_s,
@@ -267,9 +274,9 @@ def bench_fedavg(workload: FedAvgWorkload, *, data_root: str | None = None,
                 wall, state = run_sequential(cfg, specs)
             elif method == "engine":
                 wall, state, breakdown = run_engine(cfg, Path(tmp) / "engine")
-            elif method == "flower":
-                (Path(tmp) / "flower").mkdir()
-                wall, state = run_flower(cfg, Path(tmp) / "flower")
+            elif method in FLOWER_STYLES:
+                (Path(tmp) / method).mkdir()
+                wall, state = run_flower(cfg, Path(tmp) / method, FLOWER_STYLES[method])
             elif method == "ceiling":
                 wall = run_ceiling(cfg, specs, samples)
                 rows.append({"method": method, "wall_s": wall, "samples": samples,
@@ -286,8 +293,10 @@ def bench_fedavg(workload: FedAvgWorkload, *, data_root: str | None = None,
     for row in rows:
         row["time_vs_" + base["method"]] = row["wall_s"] / base["wall_s"]
     by = {r["method"]: r for r in rows}
-    if "flower" in by and "engine" in by:
-        by["engine"]["speedup_vs_flower"] = by["flower"]["wall_s"] / by["engine"]["wall_s"]
+    for flower in FLOWER_STYLES:
+        if flower in by and "engine" in by:
+            key = "speedup_vs_" + flower.replace("-", "_")
+            by["engine"][key] = by[flower]["wall_s"] / by["engine"]["wall_s"]
     if "ceiling" in by:
         for row in rows:
             row["of_ceiling"] = row["samples_per_s"] / by["ceiling"]["samples_per_s"]

@@ -1,7 +1,10 @@
 """Child process of ``umim bench fedavg``: the workload in Flower's ``run_simulation``.
 
 Usage: ``python -m engine.bench.flower_child '<json job>'``; writes ``result.json`` (wall
-time) and ``state.pt`` (the final global model) into the job's ``out`` folder.
+time) and ``state.pt`` (the final global model) into the job's ``out`` folder. The job's
+``style`` picks the ``ClientApp``: ``tutorial`` (written as Flower's PyTorch quickstart
+writes one, :mod:`engine.bench.flower_tutorial`) or ``resident`` (Flower driving the engine's
+own resident :class:`~engine.client.Client` through :mod:`engine.flower`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 def main(job: dict[str, Any]) -> None:
     """Run the FedAvg rounds of ``job["config"]`` with Flower and save the result."""
     from engine.bench.fedavg import DOMAIN, initial_state
+    from engine.bench.flower_tutorial import make_tutorial_app
     from engine.client import Client
     from engine.config import ExperimentConfig, from_dict
     from engine.flower import arrays_to_state, make_client_app, partition_id, state_to_arrays
@@ -47,6 +51,13 @@ def main(job: dict[str, Any]) -> None:
                                   max_eval_samples=cfg.data.max_eval_samples)
         return clients[pid]
 
+    style = job.get("style", "resident")
+    if style == "tutorial":
+        client_app = make_tutorial_app(cfg, specs, DOMAIN)
+    elif style == "resident":
+        client_app = make_client_app(factory)
+    else:
+        raise ValueError(f"unknown Flower client style {style!r}; use tutorial or resident")
     like = initial_state(cfg)
     initial = state_to_arrays(like)
     results: list[Any] = []
@@ -64,7 +75,7 @@ def main(job: dict[str, Any]) -> None:
     # Flower samples clients in its own order; our client ids stay ``pneumonia#<i>``, so each
     # node trains exactly what the engine's client of the same id trains.
     started = time.perf_counter()
-    run_simulation(server_app=server, client_app=make_client_app(factory), num_supernodes=n,
+    run_simulation(server_app=server, client_app=client_app, num_supernodes=n,
                    backend_config={
                        "client_resources": {"num_cpus": cfg.clients.num_cpus,
                                             "num_gpus": cfg.clients.num_gpus},

@@ -31,11 +31,13 @@ def _done_trials(folder: Path) -> set[str]:
 
 def test_sweep_killed_resumed_and_best_config_replayed(tmp_path: Path, data_root: Path,
                                                        shard_cache: Path) -> None:
-    # The CI sweep plus one parameter that breaks some trials (48 is not a multiple of 5):
-    # a failing trial must be recorded and must not stop the sweep.
+    # The CI sweep plus one parameter that breaks some trials (48 is not a multiple of 5),
+    # surely in the second trial (the first point to evaluate after the default): a failing
+    # trial must be recorded and must not stop the sweep.
     spec = yaml.safe_load((REPO / "experiments" / "sweeps" / "ci.yaml").read_text())
     spec["experiment"] = str(REPO / "experiments" / "quickstart.yaml")
     spec["space"]["model.num_heads"] = {"choice": [4, 4, 4, 5]}
+    spec["search"]["points_to_evaluate"] = [{"model.num_heads": 5}]
     sweep_file = tmp_path / "sweep.yaml"
     sweep_file.write_text(yaml.safe_dump(spec))
     folder = tmp_path / "sweep"

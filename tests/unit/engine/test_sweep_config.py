@@ -64,6 +64,37 @@ def test_bad_spaces(tmp_path: Path, space: dict, message: str) -> None:
         load_sweep(path)
 
 
+@pytest.mark.parametrize(("search", "message"), [
+    ({"points_to_evaluate": [{"distill.gamma": 0.5}]}, "'distill.gamma' is not in the space"),
+    ({"points_to_evaluate": [{"distill.beta": 3.0}]}, r"3.0 is outside uniform \[0, 2\]"),
+    ({"points_to_evaluate": [{"distill.weighting": "max"}]}, "'max' is outside choice"),
+    ({"points_to_evaluate": [{"distill.beta": 1.0}], "num_samples": 1}, "smaller than the 2"),
+])
+def test_bad_points_to_evaluate(tmp_path: Path, search: dict, message: str) -> None:
+    import yaml
+
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({
+        "experiment": str(REPO / "experiments" / "quickstart.yaml"),
+        "space": {"distill.beta": {"uniform": [0, 2]},
+                  "distill.weighting": {"choice": ["uniform", "confidence"]}},
+        "search": search}))
+    with pytest.raises(ConfigError, match=message):
+        load_sweep(path)
+
+
+def test_points_to_evaluate_load(tmp_path: Path) -> None:
+    import yaml
+
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({
+        "experiment": str(REPO / "experiments" / "quickstart.yaml"),
+        "space": {"distill.beta": {"uniform": [0, 2]}},
+        "search": {"points_to_evaluate": [{"distill.beta": 1.5}, {}]}}))
+    sweep, _ = load_sweep(path)
+    assert [dict(p) for p in sweep.search.points_to_evaluate] == [{"distill.beta": 1.5}, {}]
+
+
 def test_unknown_sweep_key(tmp_path: Path) -> None:
     path = tmp_path / "s.yaml"
     path.write_text("experiment: x.yaml\nsearch:\n  samples: 3\n")

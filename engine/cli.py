@@ -123,9 +123,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             return 1 if out["accuracy_agrees"] is False else 0
         columns = ["method", "wall_s", "samples", "samples_per_s",
                    f"time_vs_{methods[0]}", "speedup_vs_flower", "speedup_vs_flower_resident",
-                   "of_ceiling", "test_acc", "test_auc"]
+                   "of_ceiling", "test_acc", "test_auc", f"weight_diff_vs_{methods[0]}"]
         extra = {"accuracy agrees": f"{out['accuracy_agrees']} (tolerance "
-                 f"{out['tolerance']})", "max weight difference":
+                 f"{out['tolerance']})", "max relative weight difference":
                  f"{out['max_weight_difference']:.2e}",
                  "engine time breakdown (s)": {k: round(v, 2) for k, v in
                                                out["engine_breakdown"].items()},

@@ -115,6 +115,12 @@ def _targets(request: DistillRequest, model_cfg: ModelConfig, x: torch.Tensor,
             "previous": previous, "prev_logits": prev_logits}
 
 
+def _rows(targets: dict[str, Any], rows: slice) -> dict[str, Any]:
+    """The same targets for a slice of the images they were computed on."""
+    return {name: {d: v[rows] for d, v in by_domain.items()}
+            for name, by_domain in targets.items()}
+
+
 def _student(request: DistillRequest, model_cfg: ModelConfig, taught: list[str]) -> Student:
     heads = {d: n for d, (_, n) in request.heads.items()}
     net = build_model(model_cfg, heads)
@@ -167,12 +173,16 @@ class DistillJob:
         torch.manual_seed(request.seed + rank)
         order = np.random.default_rng(request.seed).permutation(len(x))
         n_hold = max(1, round(s.holdout_fraction * len(x)))
-        self.x_hold, self.x_train = x[order[:n_hold]], x[order[n_hold:][rank::world]]
+        # the held-out slice, then this worker's share of the rest: one copy, two views
+        both = x[np.concatenate([order[:n_hold], order[n_hold:][rank::world]])]
+        self.x_hold, self.x_train = both[:n_hold], both[n_hold:]
         self.device = device
         self.taught = sorted({t.domain for t in request.teachers})
         self.tasks = {d: task for d, (task, _) in request.heads.items()}
-        self.train_t = _targets(request, model_cfg, self.x_train, device)
-        self.hold_t = _targets(request, model_cfg, self.x_hold, device)
+        # every frozen teacher is built once and run over both slices in one pass
+        targets = _targets(request, model_cfg, both, device)
+        self.hold_t = _rows(targets, slice(0, n_hold))
+        self.train_t = _rows(targets, slice(n_hold, None))
         self.retained = sorted(self.train_t["previous"])
         # (D, N): fixed per pool image, since the teachers' confidences never change
         self.weights = teacher_weights(torch.stack([self.train_t["conf"][d]

@@ -9,14 +9,13 @@ import hashlib
 import io
 import json
 import logging
-import os
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 from engine.config import ExperimentConfig, to_dict
+from engine.storage import write_atomic
 from strategies.types import FitIns, FitRes
 
 logger = logging.getLogger(__name__)
@@ -74,6 +73,4 @@ class FitCache:
         buf = io.BytesIO()
         torch.save({"state": res.state, "num_examples": res.num_examples,
                     "metrics": res.metrics}, buf)
-        tmp = path.with_name(f".{uuid.uuid4().hex}.tmp")
-        tmp.write_bytes(buf.getvalue())
-        os.replace(tmp, path)
+        write_atomic(path, buf.getvalue())

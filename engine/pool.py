@@ -21,6 +21,7 @@ from engine.actors import ClientActor
 from engine.client import ClientSpec
 from engine.cluster import alive_nodes
 from engine.config import ExperimentConfig
+from engine.failures import ClientFailure
 from engine.resources import ResourceError, check_capacity
 from strategies.types import ClientInfo, State
 
@@ -113,7 +114,7 @@ class ActorPool:
     def run(self, method: str, instructions: Mapping[str, Any],
             on_done: Callable[[], None] | None = None,
             on_submitted: Callable[[], object] | None = None
-            ) -> tuple[dict[str, Any], dict[str, str]]:
+            ) -> tuple[dict[str, Any], dict[str, ClientFailure]]:
         """Call ``method`` (``fit`` or ``evaluate``) on every client; retry after crashes.
 
         Tensors common to every instruction go to the object store once. A task whose
@@ -135,7 +136,7 @@ class ActorPool:
         if on_submitted is not None:
             on_submitted()
         results: dict[str, Any] = {}
-        failures: dict[str, str] = {}
+        failures: dict[str, ClientFailure] = {}
         done = on_done or (lambda: None)
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
@@ -153,10 +154,10 @@ class ActorPool:
                                        self.max_retries)
                         pending[submit(cid)] = (cid, attempt + 1)
                     else:
-                        failures[cid] = f"actor died: {err}"
+                        failures[cid] = ClientFailure("actor_died", str(err))
                         done()
                 except RayTaskError as err:
-                    failures[cid] = f"task error: {err}"
+                    failures[cid] = ClientFailure("task_error", str(err))
                     done()
         return results, failures
 

@@ -23,6 +23,7 @@ import torch
 from engine.config import DataConfig, ModelConfig, PretrainConfig
 from engine.data.shards import read_shard
 from engine.data.unify import UNIFIED_CHANNELS, UNIFIED_SIZE
+from engine.storage import write_atomic
 from engine.trainjob import fit_trainer, load_checkpoint_state, report, unwrap
 from strategies.distill import TrainScaling
 
@@ -176,11 +177,9 @@ def pretrained_base(model: ModelConfig, pretrain: PretrainConfig, data: DataConf
     state = load_checkpoint_state(result.checkpoint)
     curve = [{"epoch": i + 1, "mim_loss": float(v)} for i, v in enumerate(state.pop(CURVE_KEY))]
     meta = {"path": str(folder), "curve": curve, "fingerprint": folder.name}
-    folder.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     torch.save(state, buf)
-    tmp = weights.with_suffix(".tmp")
-    tmp.write_bytes(buf.getvalue())
-    tmp.replace(weights)
-    meta_file.write_text(json.dumps(meta))
+    # weights first, then meta: a reader that sees both sees both whole
+    write_atomic(weights, buf.getvalue())
+    write_atomic(meta_file, json.dumps(meta))
     return state, {**meta, "cached": False}

@@ -15,6 +15,7 @@ import torch
 
 from engine.checkpoint import Checkpoint, save_checkpoint
 from engine.config import ExperimentConfig, to_dict
+from engine.failures import ClientFailure
 from engine.history import History
 from engine.progress import RunProgress
 from engine.storage import Storage
@@ -150,7 +151,7 @@ class Simulation:
                          self.strategy.state_dict())
 
     def _dispatch(self, method: str, instructions: dict[str, Any], server_round: int,
-                  progress: RunProgress) -> tuple[dict[str, Any], dict[str, str]]:
+                  progress: RunProgress) -> tuple[dict[str, Any], dict[str, ClientFailure]]:
         return self.actors.run(
             method, instructions, progress.client_done,
             lambda: [cb.on_tasks_submitted(self, method, server_round) for cb in self.callbacks])
@@ -181,26 +182,27 @@ class Simulation:
             res = results[cid]
             bad = nonfinite_keys(res.state)
             if bad:
-                failures[cid] = f"non-finite update (NaN/Inf in {bad[:3]})"
-                self._record_failure(server_round, cid, "nonfinite_update", failures[cid])
+                failures[cid] = ClientFailure("nonfinite_update", f"NaN/Inf in {bad[:3]}")
+                self._record_failure(server_round, cid, failures[cid].kind,
+                                     failures[cid].message)
                 continue
             valid[cid] = res
             self.history.add(server_round, cid, "fit", res.metrics)
-        for cid, reason in failures.items():
+        for cid, failure in failures.items():
             if cid not in results:
-                kind = "actor_died" if reason.startswith("actor died") else "task_error"
-                self._record_failure(server_round, cid, kind, reason)
+                self._record_failure(server_round, cid, failure.kind, failure.message)
         needed = math.ceil(self.cfg.clients.min_fit_fraction * len(instructions))
         if len(valid) < needed:
             raise RunError(f"round {server_round}: only {len(valid)} of {len(instructions)} "
                            f"clients returned a valid update, {needed} needed "
                            f"(clients.min_fit_fraction={self.cfg.clients.min_fit_fraction}); "
-                           f"failures: {failures}")
+                           f"failures: { {c: str(f) for c, f in failures.items()} }")
         epochs = max((float(ins.config.get("epochs", self.cfg.train.local_epochs))
                       for ins in instructions.values()), default=0.0)
         samples = sum(r.num_examples for c, r in valid.items() if c not in cached) * epochs
         aggregating = time.perf_counter()
-        server_metrics = self.strategy.aggregate_fit(server_round, valid, failures)
+        server_metrics = self.strategy.aggregate_fit(
+            server_round, valid, {c: str(f) for c, f in failures.items()})
         server_metrics = {**server_metrics, "fit_seconds": seconds,
                           "aggregate_seconds": time.perf_counter() - aggregating,
                           "fit_samples_per_s": samples / max(seconds, 1e-9),
@@ -215,8 +217,8 @@ class Simulation:
             res: EvaluateRes = results[cid]
             for domain, metrics in res.metrics.items():
                 self.history.add(server_round, cid, split, metrics, domain=domain)
-        for cid, reason in failures.items():
-            self._record_failure(server_round, cid, f"{split}_failed", reason)
+        for cid, failure in failures.items():
+            self._record_failure(server_round, cid, f"{split}_failed", str(failure))
 
     # -- bookkeeping -----------------------------------------------------------------------
     def _record_failure(self, server_round: int, cid: str, kind: str, reason: str) -> None:

@@ -4,9 +4,32 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow.fs as pafs
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A fresh temporary sibling of ``path`` to write; renamed onto ``path`` when the block
+    ends without error and removed otherwise, so readers see the old file or the whole new
+    one, and concurrent writers of the same file never write into each other's."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomic(path: str | os.PathLike[str], data: bytes | str) -> None:
+    """Write ``data`` (text as UTF-8) to the local file ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
 
 
 class Storage:
@@ -44,10 +67,7 @@ class Storage:
         parent = target.rsplit("/", 1)[0]
         self.fs.create_dir(parent, recursive=True)
         if self.is_local:
-            tmp = f"{parent}/.{uuid.uuid4().hex}.tmp"
-            with self.fs.open_output_stream(tmp) as out:
-                out.write(data)
-            os.replace(tmp, target)
+            write_atomic(target, data)
         else:
             with self.fs.open_output_stream(target) as out:
                 out.write(data)

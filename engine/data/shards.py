@@ -13,8 +13,6 @@ normalisation statistics, so a client needs nothing but its own files.
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ import torch
 
 from engine.data.errors import DataError
 from engine.data.unify import UNIFIED_SHAPE, to_float_tensor
+from engine.storage import atomic_path
 
 SHARD_FORMAT_VERSION = 1
 _IMAGE_BYTES = int(np.prod(UNIFIED_SHAPE))
@@ -111,7 +110,6 @@ class Shard:
 def write_shard(path: Path, shard: Shard) -> Path:
     """Write ``shard`` to ``path`` atomically (a temporary file, then a rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     flat = shard.images.reshape(len(shard), _IMAGE_BYTES)
     columns: dict[str, pa.Array] = {
         "id": pa.array(shard.ids.astype(str), type=pa.string()),
@@ -123,12 +121,8 @@ def write_shard(path: Path, shard: Shard) -> Path:
         values = pa.array(shard.labels.astype(np.int16).ravel(), type=pa.int16())
         columns["label"] = pa.FixedSizeListArray.from_arrays(values, width)
     table = pa.table(columns).replace_schema_metadata({"umim": shard.meta.to_json()})
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

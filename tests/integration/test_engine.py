@@ -85,12 +85,15 @@ def test_kill_9_of_a_client_actor_does_not_lose_the_round(tmp_path: Path, data_r
 
 @register_strategy
 class DivergeBreast(FedAvg):
-    """Test strategy: drives the breast client's training to overflow in round 1."""
+    """Test strategy: drives the breast client's training to overflow in round 1 and makes
+    it raise in round 2 (a negative learning rate)."""
 
     name: ClassVar[str] = "test-diverge-breast"
 
     def fit_config(self, server_round: int, cid: str) -> dict[str, Any]:
-        return {"lr": 1e30} if cid == "breast" and server_round == 1 else {}
+        if cid != "breast":
+            return {}
+        return {"lr": 1e30} if server_round == 1 else {"lr": -1.0}
 
 
 def test_nonfinite_update_is_rejected_never_averaged(tmp_path: Path, data_root: Path,
@@ -99,11 +102,12 @@ def test_nonfinite_update_is_rejected_never_averaged(tmp_path: Path, data_root: 
                  "clients.min_fit_fraction=0.5", "strategy.rounds=2")
     result = run(cfg, out=tmp_path / "n", data_root=str(data_root), quiet=True)
     rejected = [r for r in result.history.records if r.phase == "failure"]
-    assert [(r.round, r.client, r.metric) for r in rejected] == [(1, "breast",
-                                                                  "nonfinite_update")]
+    assert [(r.round, r.client, r.metric) for r in rejected] == [
+        (1, "breast", "nonfinite_update"), (2, "breast", "task_error")]
     encoder = result.strategy_state["encoder"]
     assert all(torch.isfinite(v).all() for v in encoder.values())
     assert result.summary["failures"][0]["kind"] == "nonfinite_update"
+    assert "Invalid learning rate" in result.summary["failures"][1]["reason"]
     strict = _smoke(shard_cache, "strategy.name=test-diverge-breast", "train.optimizer=sgd")
     with pytest.raises(RunError, match=r"only 1 of 2 clients returned a valid update"):
         run(strict, out=tmp_path / "strict", data_root=str(data_root), quiet=True)

@@ -49,3 +49,24 @@ def test_storage_on_a_file_uri(tmp_path: Path) -> None:
     storage.write_text("a/b.txt", "hello")
     assert storage.read_text("a/b.txt") == "hello" and storage.exists("a/b.txt")
     assert storage.listdir("a") == ["b.txt"]
+
+
+def test_atomic_path_keeps_the_old_file_on_error_and_leaves_no_temporaries(tmp_path: Path
+                                                                           ) -> None:
+    import pytest
+
+    from engine.storage import atomic_path, write_atomic
+
+    target = tmp_path / "sub" / "weights.pt"
+    write_atomic(target, b"old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("writer died")
+    assert target.read_bytes() == b"old"
+    # two writers of the same file get different temporaries (a fixed name would collide)
+    with atomic_path(target) as first, atomic_path(target) as second:
+        assert first != second
+        first.write_bytes(b"first")
+        second.write_text("second")
+    assert target.read_text() == "first"  # the outer block renames last
+    assert sorted(p.name for p in target.parent.iterdir()) == ["weights.pt"]

@@ -31,7 +31,9 @@ def print_table(title: str, rows: Sequence[dict[str, Any]], columns: Sequence[st
         return
     table = Table(title=title)
     for col in columns:
-        table.add_column(col, justify="left" if col in ("method", "workers") else "right")
+        # long names wrap at their underscores instead of being cut to the same prefix
+        table.add_column(col.replace("_", " "), overflow="fold",
+                         justify="left" if col in ("method", "workers") else "right")
     for row in rows:
         table.add_row(*[_fmt(row.get(c)) for c in columns])
     console = Console(width=max(Console().width, 130))

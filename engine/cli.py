@@ -123,7 +123,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             return 1 if out["accuracy_agrees"] is False else 0
         columns = ["method", "wall_s", "samples", "samples_per_s",
                    f"time_vs_{methods[0]}", "speedup_vs_flower", "speedup_vs_flower_resident",
-                   "of_ceiling", "test_acc", "test_auc", f"weight_diff_vs_{methods[0]}"]
+                   "of_ceiling", "test_acc", "test_auc",
+                   f"weight_diff_vs_{out['weight_reference']}"]
         extra = {"accuracy agrees": f"{out['accuracy_agrees']} (tolerance "
                  f"{out['tolerance']})", "max relative weight difference":
                  f"{out['max_weight_difference']:.2e}",

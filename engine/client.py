@@ -82,6 +82,13 @@ def read_split(path: str, split: str, cap: int | None, seed: int) -> Shard:
     return shard
 
 
+def epoch_batches(n: int, size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """One epoch's batches over ``n`` samples: a permutation drawn from ``generator``, cut
+    into index batches of ``size`` (the last may be smaller)."""
+    order = torch.randperm(n, generator=generator)
+    return [order[i:i + size] for i in range(0, n, size)]
+
+
 def pick_device(prefer: str | None = None) -> torch.device:
     """``prefer`` if given, else CUDA when this process sees a GPU, else CPU."""
     if prefer:
@@ -247,8 +254,8 @@ class Client:
         size = self.train_cfg.batch_size
         batches: list[tuple[str, torch.Tensor]] = []
         for domain, splits in self.data.items():
-            order = torch.randperm(len(splits["train"].y), generator=generator)
-            batches += [(domain, order[i:i + size]) for i in range(0, len(order), size)]
+            batches += [(domain, idx) for idx in
+                        epoch_batches(len(splits["train"].y), size, generator)]
         if len(self.data) > 1:  # interleave domains (pooled client)
             batches = [batches[i] for i in torch.randperm(len(batches), generator=generator)]
         return batches

@@ -183,14 +183,11 @@ class Simulation:
             bad = nonfinite_keys(res.state)
             if bad:
                 failures[cid] = ClientFailure("nonfinite_update", f"NaN/Inf in {bad[:3]}")
-                self._record_failure(server_round, cid, failures[cid].kind,
-                                     failures[cid].message)
                 continue
             valid[cid] = res
             self.history.add(server_round, cid, "fit", res.metrics)
         for cid, failure in failures.items():
-            if cid not in results:
-                self._record_failure(server_round, cid, failure.kind, failure.message)
+            self._record_failure(server_round, cid, failure.kind, failure.message)
         needed = math.ceil(self.cfg.clients.min_fit_fraction * len(instructions))
         if len(valid) < needed:
             raise RunError(f"round {server_round}: only {len(valid)} of {len(instructions)} "

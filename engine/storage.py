@@ -64,11 +64,10 @@ class Storage:
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Write ``rel`` (atomically on local disks: temporary file, then rename)."""
         target = self.path(rel)
-        parent = target.rsplit("/", 1)[0]
-        self.fs.create_dir(parent, recursive=True)
         if self.is_local:
-            write_atomic(target, data)
+            write_atomic(target, data)  # creates the folder too
         else:
+            self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
             with self.fs.open_output_stream(target) as out:
                 out.write(data)
 

@@ -51,7 +51,7 @@ def main(job: dict[str, Any]) -> None:
                                   max_eval_samples=cfg.data.max_eval_samples)
         return clients[pid]
 
-    style = job.get("style", "resident")
+    style = job["style"]
     if style == "tutorial":
         client_app = make_tutorial_app(cfg, specs, DOMAIN)
     elif style == "resident":

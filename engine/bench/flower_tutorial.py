@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from engine.client import ClientSpec, derive_seed, pick_device, read_split
+from engine.bench.fedavg import train_shards
+from engine.client import ClientSpec, derive_seed, epoch_batches, pick_device
 from engine.config import ExperimentConfig
 from engine.models import build_model
 
@@ -63,12 +64,12 @@ def make_tutorial_app(cfg: ExperimentConfig, specs: list[ClientSpec], domain: st
     """The Flower quickstart-style ``ClientApp`` for the bench's clients (``specs``)."""
     partitions: dict[int, PartitionDataset] = {}  # per process, like flwr-datasets' cache
     device = pick_device()
+    bf16 = device.type == "cuda" and cfg.train.precision in ("auto", "bf16")
 
     def load_data(pid: int) -> PartitionDataset:
         if pid not in partitions:
             torch.set_num_threads(max(1, int(cfg.clients.num_cpus)))
-            path = specs[pid].resolve(cfg.data).shards[domain]["train"]
-            shard = read_split(path, "train", cfg.data.max_train_samples, cfg.seed)
+            (shard,) = train_shards(cfg, [specs[pid]], domain)
             assert shard.labels is not None
             partitions[pid] = PartitionDataset(shard.images, shard.labels, shard.meta.mean,
                                                shard.meta.std)
@@ -90,13 +91,11 @@ def make_tutorial_app(cfg: ExperimentConfig, specs: list[ClientSpec], domain: st
         optimizer = torch.optim.SGD(net.parameters(), lr=cfg.train.lr,
                                     momentum=cfg.train.momentum,
                                     weight_decay=cfg.train.weight_decay)
-        bf16 = device.type == "cuda" and cfg.train.precision in ("auto", "bf16")
         net.train()
         total = 0.0
         for _ in range(cfg.train.local_epochs):
-            order = torch.randperm(len(dataset), generator=generator)
-            size = cfg.train.batch_size
-            batches = [order[i:i + size].tolist() for i in range(0, len(order), size)]
+            batches = [idx.tolist() for idx in
+                       epoch_batches(len(dataset), cfg.train.batch_size, generator)]
             for x, y in DataLoader(dataset, batch_sampler=batches):
                 x, y = x.to(device), y.to(device)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):

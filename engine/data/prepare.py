@@ -211,26 +211,30 @@ class ShardBuilder:
         key = (name, num_clients, scheme, seed, alpha)
         if key in self._partitions:  # every client of an actor resolves the same partition
             return self._partitions[key]
-        base = self.domain(name)
         folder = self.domain_dir(name) / f"{scheme}-{num_clients}-s{seed}-a{alpha:g}"
         complete = folder / PARTITION_COMPLETE
         if not complete.exists():
             out = [_client_paths(folder, i) for i in range(num_clients)]
+            # a partition written before markers existed is complete when all its files are
             if not all(p.exists() for client in out for p in client.values()):
-                shards = {s: read_shard(base[s]) for s in SPLITS}
-                parts = {s: partition(shards[s].labels, scheme, num_clients, seed, alpha,
-                                      min_size=1 if s == "train"
-                                      or len(shards[s]) >= num_clients else 0)
-                         for s in SPLITS}
-                for i, client in enumerate(out):
-                    owner = f"{name}#{i}"
-                    mean, std = normalisation_stats(shards["train"].images[parts["train"][i]])
-                    for s in SPLITS:
-                        write_shard(client[s], shards[s].subset(parts[s][i], owner=owner,
-                                                                mean=mean, std=std))
+                self._write_partition(name, out, scheme, seed, alpha)
             complete.write_text(str(num_clients))  # last: a crash mid-way leaves no marker
         self._partitions[key] = folder
         return folder
+
+    def _write_partition(self, name: str, out: list[ShardPaths], scheme: PartitionScheme,
+                         seed: int, alpha: float) -> None:
+        """Split domain ``name`` over ``len(out)`` clients and write their shards."""
+        base = self.domain(name)
+        shards = {s: read_shard(base[s]) for s in SPLITS}
+        parts = {s: partition(shards[s].labels, scheme, len(out), seed, alpha,
+                              min_size=1 if s == "train" or len(shards[s]) >= len(out) else 0)
+                 for s in SPLITS}
+        for i, client in enumerate(out):
+            mean, std = normalisation_stats(shards["train"].images[parts["train"][i]])
+            for s in SPLITS:
+                write_shard(client[s], shards[s].subset(parts[s][i], owner=f"{name}#{i}",
+                                                        mean=mean, std=std))
 
     def _mednist(self) -> tuple[MedNISTArrays, MedNISTSplit]:
         if self._mednist_cache is None:

@@ -22,7 +22,7 @@ __all__ = ["resume", "run"]
 
 def __getattr__(name: str) -> Any:
     if name in ("run", "resume"):
-        from engine import study
+        from engine.run import study
 
         return getattr(study, name)
     raise AttributeError(f"module 'engine' has no attribute {name!r}")

@@ -71,7 +71,7 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from engine.config import load_config
-    from engine.study import run
+    from engine.run.study import run
 
     overrides = list(args.overrides)
     if args.address:
@@ -83,7 +83,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
-    from engine.study import resume
+    from engine.run.study import resume
 
     result = resume(args.run_dir, quiet=args.quiet)
     _print_summary(result.run_dir, result.summary)
@@ -91,7 +91,7 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from engine.sweep import sweep
+    from engine.tune.sweep import sweep
 
     if args.resume is None and args.sweep_file is None:
         raise SystemExit("umim sweep: give SWEEP.yaml or --resume DIR")
@@ -158,7 +158,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from engine.report import write_report
+    from engine.records.report import write_report
 
     print(write_report(args.run_dir))
     return 0
@@ -282,9 +282,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         Console(stderr=True).print(f"[red]data error:[/red] {err}")
         return 2
     except Exception as err:  # every expected failure has a message worth showing as is
+        from engine.cluster.resources import ResourceError
         from engine.config import ConfigError
-        from engine.resources import ResourceError
-        from engine.simulation import RunError
+        from engine.fl.simulation import RunError
 
         if isinstance(err, ConfigError | ResourceError | RunError):
             Console(stderr=True).print(f"[red]{type(err).__name__}:[/red] {err}")

@@ -1,6 +1,6 @@
 """``umim bench distill``: distillation throughput, 8 teachers into one student.
 
-Compares a single-process loop (the same :class:`~engine.distill.DistillJob`, no Ray) with
+Compares a single-process loop (the same :class:`~engine.train.distill.DistillJob`, no Ray) with
 the Ray Train ``TorchTrainer`` at 1 and several workers (DDP). Samples/s counts pool
 images through the student per second of training (``steps x batch x workers``), measured
 inside the job; ``wall_s`` adds Ray Train's start-up and shut-down around it.
@@ -18,10 +18,10 @@ import torch
 
 from engine.config import ExperimentConfig, from_dict
 from engine.data import MISSION_DOMAINS, domain_catalog
-from engine.distill import DistillJob, RayTrainDistiller
-from engine.models import build_model
-from engine.pretrain import load_pool
-from engine.session import resolve_paths
+from engine.nn.models import build_model
+from engine.run.session import resolve_paths
+from engine.train.distill import DistillJob, RayTrainDistiller
+from engine.train.mim import load_pool
 from strategies.distill import DistillRequest, DistillSettings, Teacher
 
 
@@ -53,7 +53,7 @@ def bench_distill(*, steps: int = 100, batch_size: int = 256, workers: tuple[int
                   data_root: str | None = None, cache_dir: str | None = None
                   ) -> dict[str, Any]:
     """Time the single-process loop and Ray Train at each worker count."""
-    from engine.cluster import connect
+    from engine.cluster.connect import connect
 
     cfg = resolve_paths(from_dict(ExperimentConfig, {
         "model": model or {"arch": "vit", "hidden_size": 192, "mlp_dim": 384,

@@ -9,7 +9,7 @@
    data, optimiser and batches, and the same resources per client actor: what a user would
    otherwise pick;
 4. ``flower-resident``: Flower's ``run_simulation`` driving the engine's own resident
-   ``Client`` through :mod:`engine.flower` (Flower's orchestration cost alone);
+   ``Client`` through :mod:`engine.interop.flower` (Flower's orchestration cost alone);
 5. ``ceiling``: the device's throughput ceiling for this model: one process, one model,
    every client's training images as one set, batch 2048, channels-last, and bf16 autocast
    and ``torch.compile`` on CUDA (float32 eager on CPU, where compiling was slower: 17.4
@@ -39,11 +39,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from engine.client import Client, ClientSpec, derive_seed, read_split, shard_builder
 from engine.config import ExperimentConfig, from_dict, to_dict
 from engine.data.prepare import ShardRecipe
 from engine.data.shards import Shard
-from engine.session import client_specs, initial_encoder, resolve_paths
+from engine.fl.client import Client, ClientSpec, derive_seed, read_split, shard_builder
+from engine.run.session import client_specs, initial_encoder, resolve_paths
 from strategies import create_strategy
 from strategies.types import EvaluateIns, FitRes, State
 
@@ -97,7 +97,7 @@ class FedAvgWorkload:
 def initial_state(cfg: ExperimentConfig) -> State:
     """The global model every method starts from: the seeded encoder and the pneumonia head
     every client would initialise itself (see ``Client._load``)."""
-    from engine.models import build_model
+    from engine.nn.models import build_model
 
     net = build_model(cfg.model, {})
     net.load_state_dict(initial_encoder(cfg), strict=False)
@@ -108,7 +108,7 @@ def initial_state(cfg: ExperimentConfig) -> State:
 def train_shards(cfg: ExperimentConfig, specs: Sequence[ClientSpec], domain: str = DOMAIN
                  ) -> list[Shard]:
     """Each client's ``domain`` train split with the experiment's seeded cap: the very
-    samples an engine :class:`~engine.client.Client` of the same spec trains on."""
+    samples an engine :class:`~engine.fl.client.Client` of the same spec trains on."""
     builder = shard_builder(cfg.data)
     return [read_split(spec.resolve(cfg.data, builder).shards[domain]["train"], "train",
                        cfg.data.max_train_samples, cfg.seed) for spec in specs]
@@ -139,8 +139,8 @@ def run_ceiling(cfg: ExperimentConfig, shards: Sequence[Shard], samples: int,
     """The ceiling: ``samples`` training samples through one model in big batches; returns
     the time those samples take at the rate of the timed steps (whole batches, after two
     untimed warm-up steps that compile)."""
-    from engine.client import pick_device
-    from engine.models import build_model
+    from engine.fl.client import pick_device
+    from engine.nn.models import build_model
 
     device = pick_device()
     gpu = device.type == "cuda"
@@ -187,10 +187,10 @@ def run_engine(cfg: ExperimentConfig, out: Path) -> tuple[float, State, dict[str
     """
     import ray
 
-    from engine.cluster import connect_for
-    from engine.session import Session
-    from engine.simulation import Callback, Simulation
-    from engine.storage import Storage
+    from engine.cluster.connect import connect_for
+    from engine.fl.simulation import Callback, Simulation
+    from engine.records.storage import Storage
+    from engine.run.session import Session
 
     marks: dict[str, float] = {}
 

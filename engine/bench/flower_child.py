@@ -4,7 +4,7 @@ Usage: ``python -m engine.bench.flower_child '<json job>'``; writes ``result.jso
 time) and ``state.pt`` (the final global model) into the job's ``out`` folder. The job's
 ``style`` picks the ``ClientApp``: ``tutorial`` (written as Flower's PyTorch quickstart
 writes one, :mod:`engine.bench.flower_tutorial`) or ``resident`` (Flower driving the engine's
-own resident :class:`~engine.client.Client` through :mod:`engine.flower`).
+own resident :class:`~engine.fl.client.Client` through :mod:`engine.interop.flower`).
 """
 
 from __future__ import annotations
@@ -24,10 +24,15 @@ def main(job: dict[str, Any]) -> None:
     """Run the FedAvg rounds of ``job["config"]`` with Flower and save the result."""
     from engine.bench.fedavg import DOMAIN, initial_state
     from engine.bench.flower_tutorial import make_tutorial_app
-    from engine.client import Client
     from engine.config import ExperimentConfig, from_dict
-    from engine.flower import arrays_to_state, make_client_app, partition_id, state_to_arrays
-    from engine.session import client_specs
+    from engine.fl.client import Client
+    from engine.interop.flower import (
+        arrays_to_state,
+        make_client_app,
+        partition_id,
+        state_to_arrays,
+    )
+    from engine.run.session import client_specs
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning, module="typer")

@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from engine.bench.fedavg import train_shards
-from engine.client import ClientSpec, derive_seed, epoch_batches, pick_device
 from engine.config import ExperimentConfig
-from engine.models import build_model
+from engine.fl.client import ClientSpec, derive_seed, epoch_batches, pick_device
+from engine.nn.models import build_model
 
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", category=DeprecationWarning, module="typer")

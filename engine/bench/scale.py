@@ -18,7 +18,7 @@ from typing import Any
 import psutil
 
 from engine.config import ExperimentConfig, from_dict
-from engine.session import resolve_paths
+from engine.run.session import resolve_paths
 
 
 class MemoryPeak:
@@ -60,10 +60,10 @@ class MemoryPeak:
 def bench_scale(*, clients: int = 1000, actors: int = 2, rounds: int = 2,
                 data_root: str | None = None, cache_dir: str | None = None) -> dict[str, Any]:
     """Run FedAvg over ``clients`` virtual clients on ``actors`` actors."""
-    from engine.client import shard_builder
-    from engine.session import Session
-    from engine.simulation import Callback, Simulation
-    from engine.storage import Storage
+    from engine.fl.client import shard_builder
+    from engine.fl.simulation import Callback, Simulation
+    from engine.records.storage import Storage
+    from engine.run.session import Session
 
     cfg = resolve_paths(from_dict(ExperimentConfig, {
         "name": "bench-scale",

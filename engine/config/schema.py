@@ -252,7 +252,7 @@ class RunConfig:
     """Where results go and how the run is checkpointed.
 
     ``cache_fits`` reuses client updates across runs when the instruction, client, data
-    and settings are identical (see :mod:`engine.fitcache`); sweeps turn it on.
+    and settings are identical (see :mod:`engine.fl.fitcache`); sweeps turn it on.
     ``evaluate_every`` runs the federated validation every that many rounds (0: never; the
     final test evaluation always runs).
     ``dashboard`` starts Ray's dashboard with a local Ray (``None``: only when the experiment

@@ -24,7 +24,7 @@ import torch
 
 from engine.data.errors import DataError
 from engine.data.unify import UNIFIED_SHAPE, to_float_tensor
-from engine.storage import atomic_path
+from engine.records.storage import atomic_path
 
 SHARD_FORMAT_VERSION = 1
 _IMAGE_BYTES = int(np.prod(UNIFIED_SHAPE))

@@ -15,10 +15,10 @@ REPO = Path(__file__).resolve().parents[2]
 def test_packed_actors_see_the_gpu(tmp_path: Path, data_root: Path, shard_cache: Path) -> None:
     import ray
 
-    from engine.client import ClientSpec
+    from engine.cluster.pool import ActorPool
     from engine.config import load_config
     from engine.data import ShardBuilder, domain_catalog
-    from engine.pool import ActorPool
+    from engine.fl.client import ClientSpec
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False)
@@ -42,9 +42,9 @@ def test_packed_actors_see_the_gpu(tmp_path: Path, data_root: Path, shard_cache:
 
 
 def test_client_trains_in_bf16_on_the_gpu(data_root: Path, shard_cache: Path) -> None:
-    from engine.client import Client, ClientSpec
     from engine.config import ModelConfig, TrainConfig
     from engine.data import ShardBuilder, domain_catalog
+    from engine.fl.client import Client, ClientSpec
     from strategies import FitIns, nonfinite_keys
 
     builder = ShardBuilder(domain_catalog(), data_root, shard_cache)

@@ -12,7 +12,7 @@ import ray
 def ray_local() -> Iterator[None]:
     """Ray on this machine with 2 CPUs (as in CI), started once per session."""
     if not ray.is_initialized():
-        from engine.cluster import use_local_env
+        from engine.cluster.connect import use_local_env
 
         use_local_env()
         ray.init(num_cpus=2, log_to_driver=False)

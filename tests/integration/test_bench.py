@@ -21,7 +21,7 @@ def _json(capsys: pytest.CaptureFixture[str]) -> dict:
 
 def test_bench_fedavg_methods_agree(data_root: Path, capsys: pytest.CaptureFixture[str]
                                     ) -> None:
-    # flower-resident is left out to save CI time: it is engine.flower's ClientApp, which
+    # flower-resident is left out to save CI time: it is engine.interop.flower's ClientApp, which
     # tests/integration/test_flower.py runs in Flower's simulation
     code = cli(["bench", "fedavg", "--clients", "2", "--rounds", "1", "--samples-per-client",
                 "32", "--batch-size", "16", "--arch", "vit", "--json",

@@ -15,10 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from engine.cluster.resources import ResourceError
 from engine.config import ExperimentConfig, load_config
-from engine.resources import ResourceError
-from engine.simulation import Callback, RunError, Simulation
-from engine.study import resume, run
+from engine.fl.simulation import Callback, RunError, Simulation
+from engine.run.study import resume, run
 from strategies.fedavg import FedAvg
 from strategies.registry import register_strategy
 
@@ -124,8 +124,8 @@ def test_more_gpus_than_the_cluster_has_fails_fast(tmp_path: Path, data_root: Pa
 
 
 def _final_encoder(run_dir: Path) -> dict[str, torch.Tensor]:
-    from engine.checkpoint import latest_checkpoint
-    from engine.storage import Storage
+    from engine.records.checkpoint import latest_checkpoint
+    from engine.records.storage import Storage
 
     ckpt = latest_checkpoint(Storage(run_dir))
     assert ckpt is not None

@@ -48,8 +48,8 @@ def _shards(data_root: Path, cache: Path) -> dict[str, dict[str, str]]:
 
 
 def _client(domain: str, paths: dict[str, str]) -> Any:
-    from engine.client import Client, ClientSpec
     from engine.config import ModelConfig, TrainConfig
+    from engine.fl.client import Client, ClientSpec
 
     return Client(ClientSpec(domain, {domain: paths}), ModelConfig(**MODEL),
                   TrainConfig(batch_size=32), seed=0, device="cpu", **CAPS)
@@ -59,7 +59,7 @@ def _client(domain: str, paths: dict[str, str]) -> Any:
 def test_adapter_keeps_heads_in_context_state(data_root: Path, shard_cache: Path) -> None:
     from flwr.app import ConfigRecord, RecordDict
 
-    from engine.flower import HEADS_STATE_KEY, FlowerClient, initial_arrays
+    from engine.interop.flower import HEADS_STATE_KEY, FlowerClient, initial_arrays
 
     client = _client("breast", _shards(data_root, shard_cache)["breast"])
     sent = initial_arrays(client)
@@ -129,8 +129,8 @@ def _simulate(job: dict[str, Any]) -> None:
     import torch
 
     from engine.config import ModelConfig
-    from engine.flower import initial_arrays, make_client_app, partition_id
-    from engine.models import build_model
+    from engine.interop.flower import initial_arrays, make_client_app, partition_id
+    from engine.nn.models import build_model
 
     with warnings.catch_warnings():  # flwr imports typer, which uses deprecated click APIs
         warnings.filterwarnings("ignore", category=DeprecationWarning, module="typer")

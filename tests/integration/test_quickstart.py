@@ -13,9 +13,9 @@ import torch
 
 from engine.cli import main as cli
 from engine.config import load_config
-from engine.models import build_model
-from engine.simulation import Callback
-from engine.study import resume, run
+from engine.fl.simulation import Callback
+from engine.nn.models import build_model
+from engine.run.study import resume, run
 from strategies.types import ClientInfo, EvaluateRes, FitRes
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_local")]

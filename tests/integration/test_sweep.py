@@ -18,8 +18,8 @@ import pytest
 import yaml
 
 from engine.config import load_config
-from engine.study import run
-from engine.sweep import sweep
+from engine.run.study import run
+from engine.tune.sweep import sweep
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_local")]
 REPO = Path(__file__).resolve().parents[2]

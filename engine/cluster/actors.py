@@ -1,0 +1,66 @@
+"""Client actors: long-lived Ray actors, each serving one or more virtual clients.
+
+An actor is a thin wrapper: it builds plain :class:`~engine.fl.client.Client` objects for the
+clients it serves (each loads its own shards once) and forwards ``fit`` / ``evaluate``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import ray
+import torch
+
+from engine.config import DataConfig, ModelConfig, TrainConfig
+from engine.fl.client import Client, ClientSpec, shard_builder
+from strategies.types import ClientInfo, EvaluateIns, EvaluateRes, FitIns, FitRes, State
+
+
+class ClientHost:
+    """The body of a client actor; plain Python so it can also run in-process."""
+
+    def __init__(self, specs: Sequence[ClientSpec], model: ModelConfig, train: TrainConfig,
+                 data: DataConfig, *, seed: int, num_threads: int) -> None:
+        torch.set_num_threads(max(1, num_threads))
+        models: dict[tuple, Any] = {}  # one network per head layout, shared by the clients
+        builder = shard_builder(data)
+        self.clients = {s.cid: Client(s.resolve(data, builder), model, train, seed=seed,
+                                      max_train_samples=data.max_train_samples,
+                                      max_eval_samples=data.max_eval_samples, models=models)
+                        for s in specs}
+
+    def infos(self) -> list[ClientInfo]:
+        """Onboarding announcements of every client served here."""
+        return [c.info() for c in self.clients.values()]
+
+    def fit(self, cid: str, shared: State, ins: FitIns) -> FitRes:
+        """Train client ``cid``; ``shared`` holds the tensors common to every client."""
+        ins.state = {**shared, **ins.state}
+        return self.clients[cid].fit(ins)
+
+    def evaluate(self, cid: str, shared: State, ins: EvaluateIns) -> EvaluateRes:
+        """Score client ``cid`` on its own data."""
+        ins.state = {**shared, **ins.state}
+        return self.clients[cid].evaluate(ins)
+
+    def finetune(self, cid: str, shared: State, ins: FitIns) -> EvaluateRes:
+        """Fine-tune client ``cid`` and score it on its test split (metrics only)."""
+        ins.state = {**shared, **ins.state}
+        return self.clients[cid].finetune(ins)
+
+    def ping(self) -> bool:
+        """Liveness check (answers once the actor has loaded its clients)."""
+        return True
+
+    def describe(self) -> dict[str, Any]:
+        """Process id, devices and client sizes (for tests and logs)."""
+        return {"pid": os.getpid(), "cuda": torch.cuda.is_available(),
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                "gpu_ids": ray.get_gpu_ids() if ray.is_initialized() else [],
+                "clients": [c.describe() for c in self.clients.values()]}
+
+
+ClientActor = ray.remote(ClientHost)
+""":class:`ClientHost` as a Ray actor class (``.options(num_cpus=..., num_gpus=...)``)."""

@@ -1,0 +1,259 @@
+"""The one round loop: strategy, client actors, federated evaluation, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.config import ExperimentConfig, to_dict
+from engine.fl.failures import ClientFailure
+from engine.records.checkpoint import Checkpoint, save_checkpoint
+from engine.records.history import History
+from engine.records.progress import RunProgress
+from engine.records.storage import Storage
+from strategies import Strategy, create_strategy, nonfinite_keys
+from strategies.centralised import POOLED_CID
+from strategies.types import EvaluateRes, FitRes
+
+logger = logging.getLogger(__name__)
+
+
+class RunError(RuntimeError):
+    """A run cannot go on (too many clients failed, a pooled client failed, ...)."""
+
+
+@dataclass
+class RunResult:
+    """What a finished run returns (and wrote to ``run_dir``)."""
+
+    run_dir: str
+    config: ExperimentConfig
+    history: History
+    summary: dict[str, Any]
+    strategy_state: dict[str, Any]
+
+
+class Callback:
+    """Hooks into the round loop (for tests, logging, chaos experiments)."""
+
+    def on_tasks_submitted(self, sim: Simulation, phase: str, server_round: int) -> None:
+        """Called right after a round's ``fit`` or ``evaluate`` tasks were submitted."""
+
+    def on_client_message(self, cid: str, method: str, message: Any) -> None:
+        """Called with every object a client actor sends back to the driver, in every phase
+        (onboarding, rounds, evaluations, baselines)."""
+
+    def on_round_end(self, sim: Simulation, server_round: int) -> None:
+        """Called after a round was aggregated, evaluated and checkpointed."""
+
+
+def make_strategy(cfg: ExperimentConfig) -> Strategy:
+    """The configured strategy, given every option it may declare."""
+    options = {**to_dict(cfg.strategy), "distill": cfg.distill, "seed": cfg.seed}
+    return create_strategy(cfg.strategy.name, options)
+
+
+class Simulation:
+    """Runs one strategy on a started pool of client actors.
+
+    Parameters
+    ----------
+    cfg
+        The experiment.
+    storage
+        The run directory (config, history, summary, checkpoints).
+    actors
+        A started :class:`~engine.cluster.pool.ActorPool` (shared by every run of a session).
+    encoder
+        The initial global encoder (random or the MIM base).
+    distiller
+        The server's distillation service, for strategies that distil.
+    quiet, callbacks
+        Progress display and hooks.
+    """
+
+    def __init__(self, cfg: ExperimentConfig, storage: Storage, actors: Any,
+                 encoder: dict[str, torch.Tensor], *, distiller: Any = None,
+                 quiet: bool = False, callbacks: Sequence[Callback] = ()) -> None:
+        self.cfg = cfg
+        self.storage = storage
+        self.actors = actors
+        self.quiet = quiet
+        self.callbacks = list(callbacks)
+        self.history = History()
+        self.failures: list[dict[str, Any]] = []
+        self.strategy = make_strategy(cfg)
+        infos = actors.infos()
+        order = {d: i for i, d in enumerate(cfg.data.domains)}
+        self.eval_cids = sorted((c for c in infos if c != POOLED_CID),
+                                key=lambda c: (min(order.get(d, len(order))
+                                                   for d in infos[c].domains), c))
+        if self.strategy.pooled:
+            if POOLED_CID not in infos:
+                raise RunError(f"strategy {cfg.strategy.name!r} needs the pooled client")
+            self.fit_cids = [POOLED_CID]
+        else:
+            self.fit_cids = list(self.eval_cids)
+        self.strategy.initialize([infos[c] for c in self.fit_cids + self.eval_cids
+                                  if c in infos], encoder)
+        if hasattr(self.strategy, "distiller"):
+            self.strategy.distiller = distiller
+        self.rounds = self.strategy.num_rounds(cfg.strategy.rounds)
+        self.fit_cache = None
+        if cfg.run.cache_fits:
+            from engine.fl.fitcache import FitCache
+
+            self.fit_cache = FitCache(Path(cfg.data.cache_dir or ".") / "fits", cfg)
+
+    def restore(self, checkpoint: Checkpoint) -> int:
+        """Load a checkpoint; returns the first round still to run."""
+        self.strategy.load_state_dict(checkpoint.strategy)
+        self.history = checkpoint.history
+        self.history.truncate(checkpoint.round)
+        return checkpoint.round + 1
+
+    # -- the loop --------------------------------------------------------------------------
+    def run(self, start_round: int = 1) -> RunResult:
+        """Run rounds ``start_round .. rounds``, then the final federated test evaluation."""
+        with RunProgress(self.rounds, len(self.fit_cids), disable=self.quiet) as progress:
+            progress.advance_rounds(start_round - 1)
+            for server_round in range(start_round, self.rounds + 1):
+                self._fit_round(server_round, progress)
+                every = self.cfg.run.evaluate_every
+                if every > 0 and (server_round % every == 0 or server_round == self.rounds):
+                    self._evaluate(server_round, "val", progress)
+                if (server_round % self.cfg.run.checkpoint_every == 0
+                        or server_round == self.rounds):
+                    writing = time.perf_counter()
+                    save_checkpoint(self.storage, Checkpoint(server_round,
+                                                             self.strategy.state_dict(),
+                                                             self.history),
+                                    keep=self.cfg.run.keep_checkpoints)
+                    self.history.add(server_round, "", "server", {
+                        "checkpoint_seconds": time.perf_counter() - writing})
+                self._write_history()
+                progress.advance_rounds(1)
+                for cb in self.callbacks:
+                    cb.on_round_end(self, server_round)
+            self._evaluate(self.rounds, "test", progress)
+        self._write_history()
+        summary = self.summary()
+        self.storage.write_text("summary.json", json.dumps(summary, indent=2))
+        return RunResult(self.storage.uri, self.cfg, self.history, summary,
+                         self.strategy.state_dict())
+
+    def _dispatch(self, method: str, instructions: dict[str, Any], server_round: int,
+                  progress: RunProgress) -> tuple[dict[str, Any], dict[str, ClientFailure]]:
+        return self.actors.run(
+            method, instructions, progress.client_done,
+            lambda: [cb.on_tasks_submitted(self, method, server_round) for cb in self.callbacks])
+
+    def _fit_round(self, server_round: int, progress: RunProgress) -> None:
+        instructions = self.strategy.configure_fit(server_round, self.fit_cids)
+        for ins in instructions.values():
+            ins.config = {**ins.config, "round": server_round, "seed": self.cfg.seed}
+        progress.start_phase(f"round {server_round} fit", len(instructions))
+        started = time.perf_counter()
+        cached: dict[str, FitRes] = {}
+        if self.fit_cache is not None:
+            for cid, ins in instructions.items():
+                hit = self.fit_cache.get(cid, ins)
+                if hit is not None:
+                    cached[cid] = hit
+                    progress.client_done()
+        todo = {c: i for c, i in instructions.items() if c not in cached}
+        results, failures = self._dispatch("fit", todo, server_round, progress)
+        if self.fit_cache is not None:
+            for cid, res in results.items():
+                if not nonfinite_keys(res.state):
+                    self.fit_cache.put(cid, instructions[cid], res)
+        results.update(cached)
+        seconds = time.perf_counter() - started
+        valid: dict[str, FitRes] = {}
+        for cid in sorted(results):
+            res = results[cid]
+            bad = nonfinite_keys(res.state)
+            if bad:
+                failures[cid] = ClientFailure("nonfinite_update", f"NaN/Inf in {bad[:3]}")
+                continue
+            valid[cid] = res
+            self.history.add(server_round, cid, "fit", res.metrics)
+        for cid, failure in failures.items():
+            self._record_failure(server_round, cid, failure.kind, failure.message)
+        needed = math.ceil(self.cfg.clients.min_fit_fraction * len(instructions))
+        if len(valid) < needed:
+            raise RunError(f"round {server_round}: only {len(valid)} of {len(instructions)} "
+                           f"clients returned a valid update, {needed} needed "
+                           f"(clients.min_fit_fraction={self.cfg.clients.min_fit_fraction}); "
+                           f"failures: { {c: str(f) for c, f in failures.items()} }")
+        epochs = max((float(ins.config.get("epochs", self.cfg.train.local_epochs))
+                      for ins in instructions.values()), default=0.0)
+        samples = sum(r.num_examples for c, r in valid.items() if c not in cached) * epochs
+        aggregating = time.perf_counter()
+        server_metrics = self.strategy.aggregate_fit(
+            server_round, valid, {c: str(f) for c, f in failures.items()})
+        server_metrics = {**server_metrics, "fit_seconds": seconds,
+                          "aggregate_seconds": time.perf_counter() - aggregating,
+                          "fit_samples_per_s": samples / max(seconds, 1e-9),
+                          "fit_cached": float(len(cached))}
+        self.history.add(server_round, "", "server", server_metrics)
+
+    def _evaluate(self, server_round: int, split: str, progress: RunProgress) -> None:
+        instructions = self.strategy.configure_evaluate(server_round, self.eval_cids, split)
+        progress.start_phase(f"round {server_round} {split}", len(instructions))
+        results, failures = self._dispatch("evaluate", instructions, server_round, progress)
+        for cid in sorted(results):
+            res: EvaluateRes = results[cid]
+            for domain, metrics in res.metrics.items():
+                self.history.add(server_round, cid, split, metrics, domain=domain)
+        for cid, failure in failures.items():
+            self._record_failure(server_round, cid, f"{split}_failed", str(failure))
+
+    # -- bookkeeping -----------------------------------------------------------------------
+    def _record_failure(self, server_round: int, cid: str, kind: str, reason: str) -> None:
+        logger.warning("round %d: client %s %s: %s", server_round, cid, kind, reason)
+        self.history.add(server_round, cid, "failure", {kind: 1.0})
+        self.failures.append({"round": server_round, "client": cid, "kind": kind,
+                              "reason": reason[:2000]})
+
+    def _write_history(self) -> None:
+        self.storage.write_bytes("history.parquet", self.history.to_parquet_bytes())
+
+    def val_auc(self, server_round: int) -> dict[str, float]:
+        """Domain -> federated val AUC of the global model after ``server_round`` (mean over
+        the domain's clients; only domains that were scored that round)."""
+        values: dict[str, list[float]] = {}
+        for r in self.history.records:
+            if (r.round == server_round and r.phase == "val" and r.metric == "auc"
+                    and not math.isnan(r.value)):
+                values.setdefault(r.domain, []).append(r.value)
+        return {d: sum(v) / len(v) for d, v in values.items()}
+
+    def summary(self) -> dict[str, Any]:
+        """Final per-domain test metrics (mean over a domain's clients) and run facts."""
+        test = {m: self.history.latest("test", m) for m in ("auc", "acc")}
+        domains: dict[str, dict[str, float]] = {}
+        for domain in self.cfg.data.domains:
+            row = {}
+            for metric, values in test.items():
+                vals = [v for (_, d), v in values.items() if d == domain]
+                row[metric] = sum(vals) / len(vals) if vals else math.nan
+            domains[domain] = row
+        aucs = [r["auc"] for r in domains.values() if not math.isnan(r["auc"])]
+        throughput = [r.value for r in self.history.records
+                      if r.phase == "server" and r.metric == "fit_samples_per_s"]
+        val = self.val_auc(self.rounds)
+        return {"name": self.cfg.name, "strategy": self.cfg.strategy.name,
+                "rounds": self.rounds, "seed": self.cfg.seed, "domains": domains,
+                "mean_test_auc": sum(aucs) / len(aucs) if aucs else math.nan,
+                "mean_val_auc": sum(val.values()) / len(val) if val else math.nan,
+                "fit_samples_per_s": sum(throughput) / len(throughput) if throughput else None,
+                "failures": self.failures}

@@ -1,0 +1,126 @@
+"""A session: Ray, the clients' shards, the base encoder and the pool of client actors,
+set up once and shared by every run of an experiment (main run, baselines, evaluations)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from engine.cluster.connect import connect_for
+from engine.config import ExperimentConfig
+from engine.data import domain_catalog, resolve_cache_dir, resolve_data_root
+from engine.data.prepare import ShardRecipe
+from engine.fl.client import ClientSpec, derive_seed, shard_builder
+from engine.nn.models import build_model
+from engine.records.storage import Storage
+from strategies.centralised import POOLED_CID
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_paths(cfg: ExperimentConfig, data_root: str | None = None,
+                  cache_dir: str | None = None) -> ExperimentConfig:
+    """Fix the data root and cache folder to absolute paths, so the saved config replays."""
+    data = replace(cfg.data,
+                   data_root=str(resolve_data_root(data_root or cfg.data.data_root)),
+                   cache_dir=str(resolve_cache_dir(cache_dir or cfg.data.cache_dir)))
+    return replace(cfg, data=data)
+
+
+def client_specs(cfg: ExperimentConfig, pooled: bool) -> list[ClientSpec]:
+    """Every client's shard recipe, plus the pooled oracle client's if ``pooled``.
+
+    The shards are built here once (so data errors surface before any actor starts); each
+    actor then resolves its clients' recipes on its own node.
+    """
+    catalog = domain_catalog(dict(cfg.data.extra_domains))
+    unknown = [d for d in cfg.data.domains if d not in catalog]
+    if unknown:
+        raise ValueError(f"data.domains: unknown domain(s) {unknown}; known: {list(catalog)}")
+    builder = shard_builder(cfg.data)
+    n = cfg.data.clients_per_domain
+    specs: list[ClientSpec] = []
+    for domain in cfg.data.domains:
+        for i in range(n):
+            recipe = ShardRecipe(domain, num_clients=n, index=i, scheme=cfg.data.partition,
+                                 seed=cfg.seed, alpha=cfg.data.dirichlet_alpha)
+            recipe.resolve(builder)
+            specs.append(ClientSpec(domain if n == 1 else f"{domain}#{i}", recipes=(recipe,)))
+    if pooled:
+        specs.append(ClientSpec(POOLED_CID, recipes=tuple(ShardRecipe(d)
+                                                          for d in cfg.data.domains)))
+    return specs
+
+
+def initial_encoder(cfg: ExperimentConfig) -> dict[str, torch.Tensor]:
+    """The random initial global encoder, reproducible from ``cfg.seed``."""
+    torch.manual_seed(derive_seed(cfg.seed, "initial-encoder"))
+    model = build_model(cfg.model, {})
+    return {k: v.detach().clone() for k, v in model.state_dict().items()
+            if k.startswith("encoder.")}
+
+
+class Session:
+    """Ray, the base encoder and the client actors of one experiment.
+
+    Parameters
+    ----------
+    cfg
+        The experiment (paths resolved, see :func:`resolve_paths`).
+    pooled
+        Also start the pooled oracle client (needed by the ``centralised`` strategy).
+    observers
+        See every object the client actors send back (see :class:`~engine.cluster.pool.ActorPool`).
+    """
+
+    def __init__(self, cfg: ExperimentConfig, *, pooled: bool,
+                 observers: Sequence[Any] = ()) -> None:
+        self.cfg = cfg
+        self.pooled = pooled
+        self.observers = list(observers)
+        self.actors: Any = None
+        self.base: dict[str, torch.Tensor] = {}
+        self.base_info: dict[str, Any] = {}
+
+    def start(self) -> Session:
+        """Connect to Ray, build shards, pretrain (or load) the base, start the actors.
+
+        Pretraining runs before the actors start, so its Train workers get the CPUs and
+        GPUs that the actors hold afterwards.
+        """
+        from engine.cluster.pool import ActorPool
+
+        started = time.monotonic()
+        connect_for(self.cfg)
+        specs = client_specs(self.cfg, self.pooled)
+        if self.cfg.pretrain.method == "mim":
+            from engine.train.mim import pretrained_base
+
+            self.base, self.base_info = pretrained_base(self.cfg.model, self.cfg.pretrain,
+                                                        self.cfg.data, self.cfg.seed)
+            self.base_info["method"] = "mim"
+        else:
+            self.base, self.base_info = initial_encoder(self.cfg), {"method": "none"}
+        self.actors = ActorPool.start(self.cfg, specs, self.observers)
+        logger.info("session started in %.1f s (base: %s)", time.monotonic() - started,
+                    self.base_info["method"])
+        return self
+
+    def distiller(self, storage: Storage, callbacks: Any = None) -> Any:
+        """A Ray Train distiller writing its checkpoints under ``<run dir>/train``
+        (``callbacks``: request -> Ray Train callbacks, see ``RayTrainDistiller``)."""
+        from engine.train.distill import RayTrainDistiller
+
+        return RayTrainDistiller(self.cfg.model, self.cfg.data, f"{storage.uri}/train",
+                                 callbacks=callbacks)
+
+    def shutdown(self) -> None:
+        """Stop the client actors."""
+        if self.actors is not None:
+            self.actors.shutdown()
+            self.actors = None

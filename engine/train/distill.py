@@ -1,0 +1,347 @@
+"""Multi-teacher distillation of client models into the global model, on Ray Train.
+
+The trainer receives the teachers as weights (never client data), the student's starting
+weights and the previous global model; it trains the student on the server's unlabelled
+pool with the objective of :mod:`strategies.distill` (DDP over ``distill.num_workers``), and
+stops on a label-free signal: student/teacher agreement on a held-out slice of the pool.
+The best student so far is reported as a checkpoint after every evaluation.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from engine.config import DataConfig, ModelConfig
+from engine.nn.models import MultiHeadNet, build_model
+from engine.train.launch import fit_trainer, load_checkpoint_state, report, unwrap
+from engine.train.mim import load_pool
+from strategies.aggregate import select
+from strategies.distill import (
+    DistillRequest,
+    DistillResult,
+    DistillService,
+    agreement,
+    confidence,
+    feature_matching,
+    kd_per_sample,
+    teacher_weights,
+    tempered_probs,
+)
+
+logger = logging.getLogger(__name__)
+
+CURVE_KEY = "_curve"
+CURVE_FIELDS = ("step", "loss", "kd", "feature", "retention", "agreement", "best_agreement",
+                "elapsed_s")
+
+
+class Student(nn.Module):
+    """The global model plus one feature projection per taught domain (not exported)."""
+
+    def __init__(self, net: MultiHeadNet, projected: list[str]) -> None:
+        super().__init__()
+        self.net = net
+        width = net.out_features
+        self.proj = nn.ModuleDict({d: nn.Linear(width, width) for d in projected})
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor],
+                                                dict[str, torch.Tensor]]:
+        features = self.net.features(x)
+        logits = {d: head(features) for d, head in self.net.heads.items()}
+        projected = {d: p(features) for d, p in self.proj.items()}
+        return features, logits, projected
+
+
+def _frozen(model_cfg: ModelConfig, heads: dict[str, int], state: dict[str, torch.Tensor],
+            device: torch.device) -> MultiHeadNet:
+    net = build_model(model_cfg, heads)
+    net.load_state_dict(state, strict=True)
+    net.eval().requires_grad_(False)
+    return net.to(device)
+
+
+@torch.no_grad()
+def _targets(request: DistillRequest, model_cfg: ModelConfig, x: torch.Tensor,
+             device: torch.device) -> dict[str, Any]:
+    """Teacher and previous-model outputs on ``x``, computed once (they never change)."""
+    s = request.settings
+    by_domain: dict[str, list] = defaultdict(list)
+    for t in request.teachers:
+        by_domain[t.domain].append(t)
+    probs, conf, feats, logits = {}, {}, {}, {}
+    for domain, teachers in sorted(by_domain.items()):
+        task = teachers[0].task
+        total = sum(t.weight for t in teachers)
+        p_sum = c_sum = f_sum = l_sum = 0.0
+        for t in teachers:
+            state = {k: v for k, v in t.state.items()
+                     if k.startswith("encoder.") or k.startswith(f"heads.{domain}.")}
+            net = _frozen(model_cfg, {domain: t.num_classes}, state, device)
+            out_l, out_f = [], []
+            for i in range(0, len(x), 1024):
+                f = net.features(x[i:i + 1024].to(device)).float()
+                out_f.append(f)
+                out_l.append(net.heads[domain](f))
+            lg, ft = torch.cat(out_l), torch.cat(out_f)
+            w = t.weight / total
+            p_sum = p_sum + w * tempered_probs(lg, s.temperature, task)
+            c_sum = c_sum + w * confidence(lg, task)
+            f_sum = f_sum + w * ft
+            l_sum = l_sum + w * lg
+        probs[domain], conf[domain], feats[domain], logits[domain] = p_sum, c_sum, f_sum, l_sum
+    previous: dict[str, torch.Tensor] = {}
+    prev_logits: dict[str, torch.Tensor] = {}
+    retained = [d for d in request.heads if d not in by_domain
+                and select(request.previous, f"heads.{d}.")]
+    if retained and s.gamma > 0:
+        heads = {d: request.heads[d][1] for d in retained}
+        state = {k: v for k, v in request.previous.items() if k.startswith("encoder.")
+                 or any(k.startswith(f"heads.{d}.") for d in retained)}
+        net = _frozen(model_cfg, heads, state, device)
+        for d in retained:
+            out = torch.cat([net(x[i:i + 1024].to(device), d).float()
+                             for i in range(0, len(x), 1024)])
+            prev_logits[d] = out
+            previous[d] = tempered_probs(out, s.temperature, request.heads[d][0])
+    return {"probs": probs, "conf": conf, "feats": feats, "logits": logits,
+            "previous": previous, "prev_logits": prev_logits}
+
+
+def _rows(targets: dict[str, Any], rows: slice) -> dict[str, Any]:
+    """The same targets for a slice of the images they were computed on."""
+    return {name: {d: v[rows] for d, v in by_domain.items()}
+            for name, by_domain in targets.items()}
+
+
+def _student(request: DistillRequest, model_cfg: ModelConfig, taught: list[str]) -> Student:
+    heads = {d: n for d, (_, n) in request.heads.items()}
+    net = build_model(model_cfg, heads)
+    own = net.state_dict()
+    init = {k: v for k, v in request.student.items() if k in own}
+    for domain in heads:  # a new head starts as the mean of its teachers' heads
+        if select(init, f"heads.{domain}."):
+            continue
+        teachers = [t for t in request.teachers if t.domain == domain]
+        if not teachers:
+            logger.warning("head %s has no previous global head and no teacher this round: "
+                           "it keeps its random initialisation", domain)
+            continue
+        for key in select(own, f"heads.{domain}."):
+            init[key] = torch.stack([t.state[key].float() for t in teachers]).mean(0)
+    missing = [k for k in own if k not in init and not k.startswith("heads.")]
+    if missing:
+        raise ValueError(f"student state lacks encoder tensors {missing[:3]}")
+    net.load_state_dict(init, strict=False)
+    return Student(net, taught)
+
+
+class DistillJob:
+    """One worker's distillation in plain torch: its slice of the pool, the frozen teacher
+    and previous-model outputs, the student and the optimiser.
+
+    Ray Train runs it through :func:`distill_loop`; the benchmark runs it in-process.
+
+    Parameters
+    ----------
+    request
+        Teachers, student start, settings.
+    model_cfg
+        Network settings.
+    x
+        The whole (normalised) pool; a held-out slice is kept for the stopping signal and
+        the rest is sharded over ``world`` workers.
+    device
+        Where the job computes.
+    rank, world
+        This worker and the number of workers.
+    wrap
+        Wraps the student for data parallelism (Ray Train's ``prepare_model``).
+    """
+
+    def __init__(self, request: DistillRequest, model_cfg: ModelConfig, x: torch.Tensor,
+                 device: torch.device, *, rank: int = 0, world: int = 1,
+                 wrap: Callable[[nn.Module], nn.Module] | None = None) -> None:
+        s = self.settings = request.settings
+        torch.manual_seed(request.seed + rank)
+        order = np.random.default_rng(request.seed).permutation(len(x))
+        n_hold = max(1, round(s.holdout_fraction * len(x)))
+        # the held-out slice, then this worker's share of the rest: one copy, two views
+        both = x[np.concatenate([order[:n_hold], order[n_hold:][rank::world]])]
+        self.x_hold, self.x_train = both[:n_hold], both[n_hold:]
+        self.device = device
+        self.taught = sorted({t.domain for t in request.teachers})
+        self.tasks = {d: task for d, (task, _) in request.heads.items()}
+        # every frozen teacher is built once and run over both slices in one pass
+        targets = _targets(request, model_cfg, both, device)
+        self.hold_t = _rows(targets, slice(0, n_hold))
+        self.train_t = _rows(targets, slice(n_hold, None))
+        self.retained = sorted(self.train_t["previous"])
+        # (D, N): fixed per pool image, since the teachers' confidences never change
+        self.weights = teacher_weights(torch.stack([self.train_t["conf"][d]
+                                                    for d in self.taught]), s.weighting)
+        student = _student(request, model_cfg, self.taught).to(device)
+        self.module = wrap(student) if wrap is not None else student
+        self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=s.lr,
+                                           weight_decay=s.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer,
+                                                                    T_max=s.steps)
+        self.generator = torch.Generator().manual_seed(request.seed + 1000 * rank)
+        self.use_bf16 = device.type == "cuda"
+
+    def step(self) -> list[float]:
+        """One optimiser step on a random batch; returns ``[kd, feature, retention, loss]``."""
+        s, t = self.settings, self.train_t
+        idx = torch.randint(len(self.x_train), (min(s.batch_size, len(self.x_train)),),
+                            generator=self.generator)
+        xb = self.x_train[idx].to(self.device)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
+            _, logits, projected = self.module(xb)
+        idx_d = idx.to(self.device)
+        weights = self.weights[:, idx_d]
+        kd = sum((weights[i] * kd_per_sample(logits[d], t["probs"][d][idx_d], s.temperature,
+                                             self.tasks[d])).mean()
+                 for i, d in enumerate(self.taught))
+        feat = sum(feature_matching(projected[d], t["feats"][d][idx_d]).mean()
+                   for d in self.taught) / len(self.taught)
+        keep = (sum(kd_per_sample(logits[d], t["previous"][d][idx_d], s.temperature,
+                                  self.tasks[d]).mean() for d in self.retained)
+                / len(self.retained) if self.retained else torch.zeros((), device=self.device))
+        loss = kd + s.beta * feat + s.gamma * keep
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        return [float(v.detach()) for v in (kd, feat, keep, loss)]
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Student/teacher (and student/previous-model) agreement on the held-out slice."""
+        net = unwrap(self.module)
+        net.eval()
+        out: dict[str, list[torch.Tensor]] = defaultdict(list)
+        for i in range(0, len(self.x_hold), 1024):
+            _, logits, _ = net(self.x_hold[i:i + 1024].to(self.device))
+            for d, v in logits.items():
+                out[d].append(v.float())
+        logits = {d: torch.cat(v) for d, v in out.items()}
+        scores = {f"agreement_{d}": float(agreement(logits[d], self.hold_t["logits"][d],
+                                                    self.tasks[d])) for d in self.taught}
+        scores |= {f"retention_{d}": float(agreement(logits[d], self.hold_t["prev_logits"][d],
+                                                     self.tasks[d])) for d in self.retained}
+        net.train()
+        return {"agreement": float(np.mean(list(scores.values()))), **scores}
+
+    def student_state(self) -> dict[str, torch.Tensor]:
+        """The global model's weights (the student without its projections), on CPU."""
+        return {k: v.detach().cpu().clone() for k, v in unwrap(self.module).net.state_dict()
+                .items()}
+
+    def run(self, on_eval: Callable[[dict[str, float], bool, dict[str, torch.Tensor] | None],
+                                    None] | None = None) -> list[dict[str, float]]:
+        """Train until ``steps`` or until agreement stops improving for ``patience``
+        evaluations. After every evaluation ``on_eval(row, stop, payload)`` gets the curve
+        row and, when the student improved or training stops, the best student so far
+        with the curve (key ``_curve``); returns the curve."""
+        s = self.settings
+        best, since_best, losses = -1.0, 0, []
+        best_state: dict[str, torch.Tensor] | None = None
+        curve: list[dict[str, float]] = []
+        started = time.perf_counter()
+        for step in range(1, s.steps + 1):
+            losses.append(self.step())
+            if step % s.eval_every and step != s.steps:
+                continue
+            scores = self.evaluate()
+            kd_m, feat_m, keep_m, loss_m = np.mean(losses, axis=0)
+            losses = []
+            improved = scores["agreement"] > best
+            if improved:
+                best, since_best, best_state = scores["agreement"], 0, self.student_state()
+            else:
+                since_best += 1
+            stop = since_best >= s.patience or step == s.steps
+            row = {"step": float(step), "loss": float(loss_m), "kd": float(kd_m),
+                   "feature": float(feat_m), "retention": float(keep_m),
+                   "best_agreement": best, "elapsed_s": time.perf_counter() - started,
+                   **scores}
+            curve.append(row)
+            payload = None
+            if (improved or stop) and best_state is not None:
+                payload = {**best_state, CURVE_KEY: torch.tensor(
+                    [[r.get(k, float("nan")) for k in CURVE_FIELDS] for r in curve])}
+            if on_eval is not None:
+                on_eval(row, stop, payload)
+            if stop:
+                break
+        return curve
+
+
+def distill_loop(config: dict[str, Any]) -> None:
+    """Per-worker distillation on Ray Train (DDP when there are several workers).
+
+    Every evaluation is reported; the checkpoint always holds the best student so far and
+    the curve up to now, so the latest checkpoint is the one to keep.
+    """
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    world = ctx.get_world_size()
+    kwargs = {"find_unused_parameters": True} if world > 1 else None
+    job = DistillJob(config["request"], config["model"], load_pool(config["data"]),
+                     ray.train.torch.get_device(), rank=ctx.get_world_rank(), world=world,
+                     wrap=lambda m: ray.train.torch.prepare_model(
+                         m, parallel_strategy_kwargs=kwargs))
+    job.run(lambda row, stop, payload: report({**row, "stopped": float(stop)}, payload))
+
+
+class RayTrainDistiller(DistillService):
+    """The engine's :class:`~strategies.distill.DistillService`: a ``TorchTrainer`` per call.
+
+    Parameters
+    ----------
+    model
+        Network settings of teachers and student.
+    data
+        Data settings: the server's unlabelled pool (and its optional subsample).
+    storage_path
+        Where Ray Train writes the checkpoints (``<run dir>/train``).
+    callbacks
+        Makes the Ray Train callbacks of each request (e.g. Tune's ``TuneReportCallback``,
+        so a Tune scheduler sees the distillation's intermediate results).
+    """
+
+    def __init__(self, model: ModelConfig, data: DataConfig, storage_path: str,
+                 callbacks: Callable[[DistillRequest], list[Any]] | None = None) -> None:
+        self.model = model
+        self.data = data
+        self.storage_path = storage_path
+        self.callbacks = callbacks
+
+    def distil(self, request: DistillRequest) -> DistillResult:
+        s = request.settings
+        if not request.teachers:
+            raise ValueError("distillation needs at least one teacher")
+        result = fit_trainer(distill_loop, {"request": request, "model": self.model,
+                                            "data": self.data},
+                             num_workers=s.num_workers, use_gpu=s.use_gpu,
+                             storage_path=self.storage_path, name=request.tag,
+                             knob="distill",
+                             callbacks=self.callbacks(request) if self.callbacks else None,
+                             cpus_per_worker=s.cpus_per_worker,
+                             gpus_per_worker=s.gpus_per_worker)
+        state = load_checkpoint_state(result.checkpoint)
+        table = state.pop(CURVE_KEY)
+        curve = [dict(zip(CURVE_FIELDS, map(float, row), strict=True)) for row in table.tolist()]
+        final = curve[-1]
+        metrics = {"distill_steps": final["step"], "distill_agreement": final["best_agreement"],
+                   "distill_loss": final["loss"]}
+        return DistillResult(state=state, metrics=metrics, curve=curve)

@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from engine.config import ConfigError, ExperimentConfig, dump_yaml, load_config, to_dict
+from engine.config.loader import from_dict
+
+
+def test_defaults_and_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "x.yaml"
+    path.write_text("name: x\nclients:\n  num_actors: 2\nstrategy:\n  rounds: 3\n")
+    cfg = load_config(path, ["clients.num_gpus=0.25", "data.domains=[breast, retina]",
+                             "strategy.name=fedprox", "train.lr=1e-4"])
+    assert cfg.name == "x" and cfg.clients.num_actors == 2 and cfg.clients.num_gpus == 0.25
+    assert cfg.data.domains == ("breast", "retina") and cfg.strategy.rounds == 3
+    assert cfg.train.lr == pytest.approx(1e-4)
+    with pytest.raises(AttributeError):
+        cfg.name = "y"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("clients.num_gpu=1", r"unknown config key\(s\) \['clients.num_gpu'\]"),
+    ("colour=red", r"unknown config key\(s\) \['colour'\]"),
+    ("model.arch=vgg", "'vgg' is not one of"),
+    ("train.batch_size=big", "train.batch_size: expected an integer"),
+    ("train.local_epochs=0", "local_epochs"),
+    ("clients.min_fit_fraction=0", "min_fit_fraction"),
+    ("data.domains=breast", "expected a list"),
+    ("model.patch_size=5", "must divide 28"),
+    ("noequals", "key=value"),
+])
+def test_bad_keys_and_values_are_clear_errors(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_round_trip_through_yaml(tmp_path: Path) -> None:
+    cfg = load_config(None, ["data.extra_domains={chest: {source: medmnist, dataset: chestmnist}}",
+                             "data.max_train_samples=100"])
+    back = load_config(dump_yaml(cfg, tmp_path / "c.yaml"))
+    assert back == cfg
+    assert to_dict(back)["data"]["extra_domains"]["chest"]["dataset"] == "chestmnist"
+
+
+def test_missing_and_invalid_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping at the top level"):
+        load_config(tmp_path / "bad.yaml")
+
+
+def test_every_shipped_experiment_config_loads() -> None:
+    root = Path(__file__).resolve().parents[3] / "experiments"
+    files = sorted(root.glob("*.yaml"))
+    assert files
+    for path in files:
+        assert isinstance(load_config(path), ExperimentConfig), path
+
+
+def test_from_dict_int_is_accepted_for_float() -> None:
+    cfg = from_dict(ExperimentConfig, {"clients": {"num_cpus": 2}})
+    assert cfg.clients.num_cpus == 2.0 and isinstance(cfg.clients.num_cpus, float)
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    ({}, False),
+    ({"strategy": {"name": "universal"}}, True),
+    ({"pretrain": {"method": "mim"}}, True),
+    ({"evaluation": {"baselines": ["fedavg", "universal"]}}, True),
+])
+def test_dashboard_only_where_ray_train_runs(overrides: dict, expected: bool) -> None:
+    from engine.cluster.connect import uses_ray_train
+
+    cfg = from_dict(ExperimentConfig, {"strategy": {"name": "fedavg"}, **overrides})
+    assert uses_ray_train(cfg) is expected
+    assert load_config(None, ["run.dashboard=false"]).run.dashboard is False
+    assert load_config(None).run.dashboard is None

@@ -91,7 +91,7 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from engine.tune.sweep import sweep
+    from engine.tune import sweep
 
     if args.resume is None and args.sweep_file is None:
         raise SystemExit("umim sweep: give SWEEP.yaml or --resume DIR")

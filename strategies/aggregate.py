@@ -49,8 +49,3 @@ def weighted_average(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequ
             acc += state[key].to(torch.float64) * (weight / total)
         out[key] = acc.to(first.dtype)
     return out
-
-
-def select(state: Mapping[str, torch.Tensor], prefix: str) -> State:
-    """The tensors of ``state`` whose key starts with ``prefix``."""
-    return {k: v for k, v in state.items() if k.startswith(prefix)}

@@ -4,18 +4,33 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from strategies.aggregate import select
+from strategies.distill import DistillService, DistillSettings
+from strategies.state import heads_of
 from strategies.types import ClientInfo, EvaluateIns, FitIns, FitRes, State
 
-ENCODER = "encoder."
-HEADS = "heads."
+
+@dataclass(frozen=True)
+class NoOptions:
+    """The options of a strategy that declares none."""
 
 
-def heads_of(state: Mapping[str, Any], domains: Sequence[str]) -> State:
-    """The head tensors of ``domains`` in ``state``."""
-    return {k: v for d in domains for k, v in select(state, f"{HEADS}{d}.").items()}
+@dataclass(frozen=True)
+class StrategyContext:
+    """What the engine hands every strategy besides its own options.
+
+    Attributes
+    ----------
+    seed
+        The run seed.
+    distill
+        The experiment's distillation objective (``distill.*``), for strategies that distil.
+    """
+
+    seed: int = 0
+    distill: DistillSettings = field(default_factory=DistillSettings)
 
 
 class Strategy(ABC):
@@ -25,23 +40,48 @@ class Strategy(ABC):
     :meth:`aggregate_fit`, then :meth:`configure_evaluate` and the clients' ``evaluate``.
     A strategy keeps the server's state (the global encoder, and each client's head, which
     the client gets back every round) and exposes it through :meth:`state_dict` for
-    checkpoints. Subclasses set ``name``; ``options`` lists the ``strategy.*`` config keys
-    passed to ``__init__``; ``pooled`` strategies train one client holding every domain's
-    pooled training data (an oracle no real deployment may use).
+    checkpoints.
+
+    A strategy declares what it needs, and the engine provides it without knowing the
+    strategy's name:
+
+    * ``name``: its registry name;
+    * ``Options``: a frozen dataclass of its own ``strategy.*`` config keys (validated when
+      the config loads; unknown keys are errors naming the strategy);
+    * ``pooled``: it trains one client holding every domain's pooled training data (an
+      oracle no real deployment may use), so the engine starts that client;
+    * ``distils``: it distils on the server, so the engine binds a
+      :class:`~strategies.distill.DistillService` to :attr:`distiller` (a Ray Train job)
+      before the first round;
+    * :meth:`planned_rounds`: how many rounds a run of it has, known before it starts
+      (for checkpoints, progress and a sweep scheduler's horizon).
     """
 
     name: ClassVar[str]
-    options: ClassVar[tuple[str, ...]] = ()
+    Options: ClassVar[type] = NoOptions
     pooled: ClassVar[bool] = False
+    distils: ClassVar[bool] = False
 
-    def __init__(self) -> None:
+    def __init__(self, options: Any = None, context: StrategyContext | None = None) -> None:
+        self.options = self.Options() if options is None else options
+        if not isinstance(self.options, self.Options):
+            raise TypeError(f"strategy {self.name!r} takes {self.Options.__name__} options, "
+                            f"got {type(self.options).__name__}")
+        self.context = context or StrategyContext()
+        self.distiller: DistillService | None = None
         self.clients: dict[str, ClientInfo] = {}
         self.encoder: State = {}
         self.heads: dict[str, State] = {}
 
+    @classmethod
+    def planned_rounds(cls, options: Any, domains: Sequence[str], rounds: int) -> int:
+        """Rounds of a run over ``domains`` (``strategy.rounds`` unless the strategy plans)."""
+        return rounds
+
     def num_rounds(self, configured: int) -> int:
-        """How many rounds the run has (``strategy.rounds`` unless the strategy decides)."""
-        return configured
+        """How many rounds this run has (after :meth:`initialize`)."""
+        domains = list(dict.fromkeys(d for c in self.clients.values() for d in c.domains))
+        return self.planned_rounds(self.options, domains, configured)
 
     def initialize(self, clients: Sequence[ClientInfo], encoder: State) -> None:
         """Onboard ``clients`` with the initial global ``encoder`` (random or pretrained)."""

@@ -5,11 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import ClassVar
 
-from strategies.aggregate import select
-from strategies.base import ENCODER, HEADS, Strategy, heads_of
-from strategies.types import FitRes, State
-
-POOLED_CID = "pooled"
+from strategies.base import Strategy
+from strategies.state import encoder_of, heads_of
+from strategies.types import POOLED_CID, FitRes, State
 
 
 class Centralised(Strategy):
@@ -33,6 +31,6 @@ class Centralised(Strategy):
             raise ValueError(f"round {server_round}: the pooled client failed: "
                              f"{failures.get(POOLED_CID, 'no result')}")
         state = results[POOLED_CID].state
-        self.encoder = select(state, ENCODER)
-        self.heads[POOLED_CID] = select(state, HEADS)
+        self.encoder = encoder_of(state)
+        self.heads[POOLED_CID] = heads_of(state)
         return {"pooled_examples": float(results[POOLED_CID].num_examples)}

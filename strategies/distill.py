@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -88,30 +88,68 @@ def agreement(student: torch.Tensor, teacher: torch.Tensor, task: TaskType) -> t
     return (student.argmax(dim=1) == teacher.argmax(dim=1)).float().mean()
 
 
+LOSS_TERMS: tuple[str, ...] = ("kd", "feature", "retention")
+"""The terms of the objective by name, in order; ``loss`` is their weighted sum. Curves,
+Train reports and plots are built from these names, so a new term is added here only."""
+
+LOSS_NAMES: tuple[str, ...] = (*LOSS_TERMS, "loss")
+"""Every named value :func:`distillation_loss` returns."""
+
+
+def term_weights(settings: DistillSettings) -> dict[str, float]:
+    """The weight of each term of :data:`LOSS_TERMS` in the loss."""
+    return {"kd": 1.0, "feature": settings.beta, "retention": settings.gamma}
+
+
+def distillation_loss(logits: Mapping[str, torch.Tensor], projected: Mapping[str, torch.Tensor],
+                      *, teacher_probs: Mapping[str, torch.Tensor],
+                      teacher_features: Mapping[str, torch.Tensor],
+                      previous_probs: Mapping[str, torch.Tensor], weights: torch.Tensor,
+                      tasks: Mapping[str, TaskType], settings: DistillSettings
+                      ) -> dict[str, torch.Tensor]:
+    """The objective on one batch, term by term (see the module docstring).
+
+    Parameters
+    ----------
+    logits, projected
+        The student's logits per head and its projected features per taught domain.
+    teacher_probs, teacher_features
+        Per taught domain: the teachers' tempered probabilities and features (the batch's
+        rows); their keys, in order, are the taught domains.
+    previous_probs
+        Per retained domain: the previous global model's tempered probabilities.
+    weights
+        ``(D, B)`` teacher weights of the taught domains (see :func:`teacher_weights`).
+    tasks
+        Domain -> task type.
+    settings
+        Temperature and term weights.
+
+    Returns
+    -------
+    dict
+        One scalar per name of :data:`LOSS_NAMES`.
+    """
+    taught = list(teacher_probs)
+    t = settings.temperature
+    kd = sum((weights[i] * kd_per_sample(logits[d], teacher_probs[d], t, tasks[d])).mean()
+             for i, d in enumerate(taught))
+    feature = sum(feature_matching(projected[d], teacher_features[d]).mean()
+                  for d in taught) / len(taught)
+    retained = list(previous_probs)
+    zero = next(iter(logits.values())).new_zeros((), dtype=torch.float32)
+    retention = (sum(kd_per_sample(logits[d], previous_probs[d], t, tasks[d]).mean()
+                     for d in retained) / len(retained) if retained else zero)
+    terms: dict[str, torch.Tensor] = {"kd": kd, "feature": feature, "retention": retention}
+    terms["loss"] = sum(w * terms[name] if w != 1.0 else terms[name]
+                        for name, w in term_weights(settings).items())
+    return terms
+
+
 @dataclass(frozen=True)
-class TrainScaling:
-    """How a server-side Ray Train job is spread: ``num_workers`` DDP workers with
-    ``cpus_per_worker`` CPUs each and, when ``use_gpu``, ``gpus_per_worker`` GPUs each
-    (fractions share a device with the client actors)."""
-
-    num_workers: int = 1
-    cpus_per_worker: float = 1.0
-    use_gpu: bool = False
-    gpus_per_worker: float = 1.0
-
-    def check_scaling(self, knob: str) -> None:
-        """Raise ``ValueError`` naming ``knob`` (the config section) for bad scaling."""
-        if self.num_workers < 1:
-            raise ValueError(f"{knob}.num_workers must be >= 1")
-        if self.cpus_per_worker <= 0:
-            raise ValueError(f"{knob}.cpus_per_worker must be > 0")
-        if self.use_gpu and not 0 < self.gpus_per_worker <= 8:
-            raise ValueError(f"{knob}.gpus_per_worker must be in (0, 8]")
-
-
-@dataclass(frozen=True)
-class DistillSettings(TrainScaling):
-    """Knobs of the distillation (``distill.*`` in the experiment config)."""
+class DistillSettings:
+    """Knobs of the distillation objective and its stopping rule (``distill.*`` in the
+    experiment config; how the job is spread over workers is the engine's business)."""
 
     temperature: float = 4.0
     beta: float = 0.1
@@ -126,7 +164,6 @@ class DistillSettings(TrainScaling):
     holdout_fraction: float = 0.1
 
     def __post_init__(self) -> None:
-        self.check_scaling("distill")
         if self.temperature <= 0 or self.beta < 0 or self.gamma < 0:
             raise ValueError("distill.temperature must be > 0; beta and gamma >= 0")
         if self.steps < 1 or self.eval_every < 1 or self.patience < 1:
@@ -190,9 +227,9 @@ class DistillResult:
     curve: list[dict[str, Any]] = field(default_factory=list)
 
 
-class DistillService:
+class DistillService(Protocol):
     """What the engine provides to a strategy that distils (implemented on Ray Train)."""
 
-    def distil(self, request: DistillRequest) -> DistillResult:  # pragma: no cover - interface
+    def distil(self, request: DistillRequest) -> DistillResult:
         """Run the distillation of ``request`` and return the distilled student."""
-        raise NotImplementedError
+        ...

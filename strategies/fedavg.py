@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import ClassVar
 
-from strategies.aggregate import select, weighted_average
-from strategies.base import ENCODER, HEADS, Strategy
+from strategies.aggregate import weighted_average
+from strategies.base import Strategy
+from strategies.state import encoder_of, head_of
 from strategies.types import FitRes, State
 
 
@@ -32,11 +33,11 @@ class FedAvg(Strategy):
             raise ValueError(f"round {server_round}: no client result to aggregate")
         states = [results[c].state for c in cids]
         weights = [results[c].num_examples for c in cids]
-        self.encoder = weighted_average(states, weights, keys=select(states[0], ENCODER).keys())
+        self.encoder = weighted_average(states, weights, keys=encoder_of(states[0]).keys())
         domains = sorted({d for c in cids for d in self.clients[c].domains})
         for domain in domains:
             members = [i for i, c in enumerate(cids) if domain in self.clients[c].domains]
             self.heads[domain] = weighted_average(
                 [states[i] for i in members], [weights[i] for i in members],
-                keys=select(states[members[0]], f"{HEADS}{domain}.").keys())
+                keys=head_of(states[members[0]], domain).keys())
         return {"clients_aggregated": float(len(cids)), "clients_failed": float(len(failures))}

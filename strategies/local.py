@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from strategies.base import Strategy
+from strategies.base import Strategy, StrategyContext
 from strategies.types import FitRes, State
 
 
@@ -18,8 +18,8 @@ class LocalOnly(Strategy):
 
     name: ClassVar[str] = "local"
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, options: Any = None, context: StrategyContext | None = None) -> None:
+        super().__init__(options, context)
         self.local: dict[str, State] = {}
 
     def client_state(self, cid: str) -> State:

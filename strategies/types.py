@@ -17,7 +17,12 @@ TaskType = Literal["binary", "multi-class", "ordinal", "multi-label"]
 TASK_TYPES: tuple[str, ...] = get_args(TaskType)
 
 State = dict[str, torch.Tensor]
-"""Model tensors by ``state_dict`` key: ``encoder.*`` and ``heads.<domain>.*``."""
+"""Model tensors by ``state_dict`` key: the encoder's and each domain's head's (see
+:mod:`strategies.state`)."""
+
+POOLED_CID = "pooled"
+"""Client id of the pooled oracle client (every domain's training data in one client), which
+the engine starts for strategies that declare ``pooled``."""
 
 
 @dataclass(frozen=True)

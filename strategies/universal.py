@@ -15,12 +15,12 @@ Per round of stage ``s`` (domains join in stages):
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
-from strategies.aggregate import select
-from strategies.base import ENCODER, HEADS, Strategy, heads_of
-from strategies.distill import DistillRequest, DistillService, DistillSettings, Teacher
+from strategies.base import Strategy, StrategyContext
+from strategies.distill import DistillRequest, Teacher
+from strategies.state import encoder_of, head_of, heads_of
 from strategies.types import ClientInfo, FitIns, FitRes, State
 
 
@@ -34,8 +34,7 @@ def teachers_from(results: Mapping[str, FitRes], infos: Mapping[str, ClientInfo]
         for domain in info.domains:
             teachers.append(Teacher(cid=cid, domain=domain, task=info.tasks[domain],
                                     num_classes=info.num_classes[domain],
-                                    state={**select(state, ENCODER),
-                                           **select(state, f"{HEADS}{domain}.")},
+                                    state={**encoder_of(state), **head_of(state, domain)},
                                     weight=float(results[cid].num_examples)))
     return teachers
 
@@ -55,43 +54,68 @@ def plan_stages(domains: Sequence[str], stages: Sequence[Sequence[str]], num_sta
     return [list(domains[bounds[i]:bounds[i + 1]]) for i in range(num_stages)]
 
 
+@dataclass(frozen=True)
+class UniversalOptions:
+    """The universal strategy's ``strategy.*`` keys.
+
+    Attributes
+    ----------
+    stages
+        Explicit domain lists, one per stage (e.g. ``[[breast, retina], [...]]``); empty
+        means ``num_stages`` consecutive chunks of ``data.domains``.
+    num_stages, rounds_per_stage
+        How many stages, and rounds (fine-tune + distil) within each.
+    local_epochs
+        Epochs of local fine-tuning per round (``None``: ``train.local_epochs``).
+    select_on_val
+        Clients keep the epoch with the best private val AUC.
+    """
+
+    stages: tuple[tuple[str, ...], ...] = ()
+    num_stages: int = 2
+    rounds_per_stage: int = 1
+    local_epochs: int | None = None
+    select_on_val: bool = True
+
+    def __post_init__(self) -> None:
+        if self.num_stages < 1 or self.rounds_per_stage < 1:
+            raise ValueError("strategy.num_stages and strategy.rounds_per_stage must be >= 1")
+        if self.local_epochs is not None and self.local_epochs < 1:
+            raise ValueError("strategy.local_epochs must be >= 1 (or null)")
+        if any(not stage for stage in self.stages):
+            raise ValueError("strategy.stages: every stage needs at least one domain")
+
+
 class Universal(Strategy):
     """Fine-tune locally, distil centrally: the mission's universal model.
 
-    Parameters
-    ----------
-    stages, num_stages, rounds_per_stage
-        Stage plan (see :func:`plan_stages`) and rounds of each stage.
-    local_epochs
-        Local fine-tuning epochs per round (``None``: the clients' default).
-    select_on_val
-        Clients keep their best epoch by private val AUC.
-    distill
-        Distillation knobs.
-    seed
-        Seed of the distillation's sampling.
+    Options are :class:`UniversalOptions`; the distillation objective comes from the
+    context (``distill.*``) and the seed of the distillation's sampling from the run seed.
     """
 
     name: ClassVar[str] = "universal"
-    options: ClassVar[tuple[str, ...]] = ("stages", "num_stages", "rounds_per_stage",
-                                          "local_epochs", "select_on_val", "distill", "seed")
+    Options: ClassVar[type] = UniversalOptions
+    distils: ClassVar[bool] = True
 
-    def __init__(self, stages: Sequence[Sequence[str]], num_stages: int, rounds_per_stage: int,
-                 local_epochs: int | None, select_on_val: bool,
-                 distill: DistillSettings | Mapping[str, Any], seed: int) -> None:
-        super().__init__()
-        self.stage_spec = [list(s) for s in stages]
-        self.num_stages = num_stages
-        self.rounds_per_stage = rounds_per_stage
-        self.local_epochs = local_epochs
-        self.select_on_val = select_on_val
-        self.settings = distill if isinstance(distill, DistillSettings) else \
-            DistillSettings(**distill)
-        self.seed = seed
-        self.distiller: DistillService | None = None
+    def __init__(self, options: UniversalOptions | None = None,
+                 context: StrategyContext | None = None) -> None:
+        super().__init__(options, context)
+        opts: UniversalOptions = self.options
+        self.stage_spec = [list(s) for s in opts.stages]
+        self.num_stages = opts.num_stages
+        self.rounds_per_stage = opts.rounds_per_stage
+        self.local_epochs = opts.local_epochs
+        self.select_on_val = opts.select_on_val
+        self.settings = self.context.distill
+        self.seed = self.context.seed
         self.stages: list[list[str]] = []
         self.global_heads: State = {}
         self.curves: dict[int, list[dict[str, Any]]] = {}
+
+    @classmethod
+    def planned_rounds(cls, options: Any, domains: Sequence[str], rounds: int) -> int:
+        return len(plan_stages(domains, options.stages, options.num_stages)) \
+            * options.rounds_per_stage
 
     def initialize(self, clients: Sequence[ClientInfo], encoder: State) -> None:
         super().initialize(clients, encoder)
@@ -99,9 +123,6 @@ class Universal(Strategy):
         self.stages = plan_stages(domains, self.stage_spec, self.num_stages)
         self.global_heads = {}
         self.curves = {}
-
-    def num_rounds(self, configured: int) -> int:
-        return len(self.stages) * self.rounds_per_stage
 
     def stage_of(self, server_round: int) -> int:
         """Index of the stage that round ``server_round`` (1-based) belongs to."""
@@ -140,8 +161,8 @@ class Universal(Strategy):
                                  tag=f"distill-round-{server_round:04d}",
                                  server_round=server_round)
         result = self.distiller.distil(request)
-        self.encoder = select(result.state, ENCODER)
-        self.global_heads = select(result.state, HEADS)
+        self.encoder = encoder_of(result.state)
+        self.global_heads = heads_of(result.state)
         self.curves[server_round] = result.curve
         return {**result.metrics, "teachers": float(len(teachers)),
                 "clients_failed": float(len(failures))}

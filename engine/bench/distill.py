@@ -16,13 +16,23 @@ from typing import Any
 
 import torch
 
-from engine.config import ExperimentConfig, from_dict
+from engine.config import ExperimentConfig, TrainScaling, from_dict
 from engine.data import MISSION_DOMAINS, domain_catalog
 from engine.nn.models import build_model
 from engine.run.session import resolve_paths
 from engine.train.distill import DistillJob, RayTrainDistiller
 from engine.train.mim import load_pool
 from strategies.distill import DistillRequest, DistillSettings, Teacher
+from strategies.state import encoder_of
+
+
+def _scaling(workers: int) -> TrainScaling:
+    """Every row uses the whole machine: the single process all cores (torch's default), each
+    of n Train workers cores / n of them (or 1 / n of the GPU)."""
+    gpu = torch.cuda.is_available()
+    return TrainScaling(num_workers=workers, use_gpu=gpu,
+                        cpus_per_worker=1.0 if gpu else max(1.0, (os.cpu_count() or 1) // workers),
+                        gpus_per_worker=1.0 / workers if gpu else 1.0)
 
 
 def _request(cfg: ExperimentConfig, steps: int, batch_size: int, workers: int) -> DistillRequest:
@@ -35,14 +45,9 @@ def _request(cfg: ExperimentConfig, steps: int, batch_size: int, workers: int) -
         teachers.append(Teacher(cid=domain, domain=domain, task=spec.task,
                                 num_classes=spec.num_classes,
                                 state={k: v.detach() for k, v in net.state_dict().items()}))
-    student = {k: v for k, v in teachers[0].state.items() if k.startswith("encoder.")}
-    gpu = torch.cuda.is_available()
-    # every row uses the whole machine: the single process all cores (torch's default), each
-    # of n Train workers cores / n of them (or 1 / n of the GPU)
+    student = encoder_of(teachers[0].state)
     settings = replace(DistillSettings(), steps=steps, eval_every=steps, patience=10**6,
-                       batch_size=batch_size, num_workers=workers, use_gpu=gpu,
-                       cpus_per_worker=1.0 if gpu else max(1.0, (os.cpu_count() or 1) // workers),
-                       gpus_per_worker=1.0 / workers if gpu else 1.0)
+                       batch_size=batch_size)
     return DistillRequest(student=student, teachers=teachers, previous={},
                           heads={t.domain: (t.task, t.num_classes) for t in teachers},
                           settings=settings, tag=f"bench-{workers}w")
@@ -74,7 +79,8 @@ def bench_distill(*, steps: int = 100, batch_size: int = 256, workers: tuple[int
         for n in workers:
             request = _request(cfg, steps, batch_size, n)
             started = time.perf_counter()
-            result = RayTrainDistiller(cfg.model, cfg.data, tmp).distil(request)
+            result = RayTrainDistiller(cfg.model, cfg.data, tmp,
+                                       scaling=_scaling(n)).distil(request)
             wall = time.perf_counter() - started
             train_s = result.curve[-1]["elapsed_s"]
             rows.append({"method": "Ray Train", "workers": n, "wall_s": wall,

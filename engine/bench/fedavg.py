@@ -122,7 +122,7 @@ def run_sequential(cfg: ExperimentConfig, specs: list[ClientSpec]) -> tuple[floa
                              max_train_samples=cfg.data.max_train_samples,
                              max_eval_samples=cfg.data.max_eval_samples, models=models)
                for s in specs}
-    strategy = create_strategy("fedavg", {})
+    strategy = create_strategy("fedavg")
     strategy.initialize([c.info() for c in clients.values()], initial_encoder(cfg))
     for server_round in range(1, cfg.strategy.rounds + 1):
         results: dict[str, FitRes] = {}
@@ -190,6 +190,7 @@ def run_engine(cfg: ExperimentConfig, out: Path) -> tuple[float, State, dict[str
     from engine.cluster.connect import connect_for
     from engine.fl.simulation import Callback, Simulation
     from engine.records.storage import Storage
+    from engine.run.build import build_simulation
     from engine.run.session import Session
 
     marks: dict[str, float] = {}
@@ -202,11 +203,10 @@ def run_engine(cfg: ExperimentConfig, out: Path) -> tuple[float, State, dict[str
     fresh = not ray.is_initialized()
     connect_for(cfg)
     ray_s = time.perf_counter() - started
-    session = Session(cfg, pooled=False).start()
+    session = Session(cfg).start()
     session_s = time.perf_counter() - started - ray_s
     try:
-        sim = Simulation(cfg, Storage(out), session.actors, session.base, quiet=True,
-                         callbacks=[Clock()])
+        sim = build_simulation(cfg, Storage(out), session, callbacks=[Clock()])
         result = sim.run()  # the clock stops at the last round, before the test pass
         state = sim.strategy.client_state(sim.eval_cids[0])
         assert result.summary["rounds"] == cfg.strategy.rounds

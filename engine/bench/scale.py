@@ -63,6 +63,7 @@ def bench_scale(*, clients: int = 1000, actors: int = 2, rounds: int = 2,
     from engine.fl.client import shard_builder
     from engine.fl.simulation import Callback, Simulation
     from engine.records.storage import Storage
+    from engine.run.build import build_simulation
     from engine.run.session import Session
 
     cfg = resolve_paths(from_dict(ExperimentConfig, {
@@ -88,12 +89,11 @@ def bench_scale(*, clients: int = 1000, actors: int = 2, rounds: int = 2,
                                            seed=cfg.seed, alpha=0.5)
         shards_s = time.perf_counter() - started
         started = time.perf_counter()
-        session = Session(cfg, pooled=False).start()
+        session = Session(cfg).start()
         try:
             memory.pids = {d["pid"] for d in session.actors.describe()}
             startup_s = time.perf_counter() - started
-            sim = Simulation(cfg, Storage(Path(tmp)), session.actors, session.base,
-                             quiet=True, callbacks=[Clock()])
+            sim = build_simulation(cfg, Storage(Path(tmp)), session, callbacks=[Clock()])
             begin = time.perf_counter()
             sim.run()
             round_s = (marks[-1] - begin) / rounds

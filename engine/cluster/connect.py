@@ -53,16 +53,10 @@ def connect(address: str | None = None, *, dashboard: bool = True) -> None:
             ray.init(log_to_driver=True, include_dashboard=dashboard)
 
 
-def uses_ray_train(cfg: ExperimentConfig) -> bool:
-    """Whether an experiment runs Ray Train jobs (MIM pretraining or distillation)."""
-    return (cfg.pretrain.method != "none" or cfg.strategy.name == "universal"
-            or bool(cfg.evaluation.lodo_domains) or "universal" in cfg.evaluation.baselines)
-
-
 def connect_for(cfg: ExperimentConfig) -> None:
     """:func:`connect` as ``cfg.run`` says (the dashboard only where Ray Train needs it)."""
     dashboard = cfg.run.dashboard
-    connect(cfg.run.address, dashboard=uses_ray_train(cfg) if dashboard is None else dashboard)
+    connect(cfg.run.address, dashboard=cfg.runs_train_jobs if dashboard is None else dashboard)
 
 
 def alive_nodes() -> list[dict[str, float]]:

@@ -16,6 +16,7 @@ from engine.config.loader import (
 from engine.config.schema import (
     ClientsConfig,
     DataConfig,
+    DistillConfig,
     EvaluationConfig,
     ExperimentConfig,
     ModelConfig,
@@ -23,6 +24,7 @@ from engine.config.schema import (
     RunConfig,
     StrategyConfig,
     TrainConfig,
+    TrainScaling,
 )
 
 
@@ -37,6 +39,7 @@ __all__ = [
     "ClientsConfig",
     "ConfigError",
     "DataConfig",
+    "DistillConfig",
     "EvaluationConfig",
     "ExperimentConfig",
     "ModelConfig",
@@ -44,6 +47,7 @@ __all__ = [
     "RunConfig",
     "StrategyConfig",
     "TrainConfig",
+    "TrainScaling",
     "dump_yaml",
     "from_dict",
     "load_config",

@@ -93,7 +93,13 @@ def _check(tp: Any, value: Any, where: str) -> Any:
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
-    """Build dataclass ``cls`` from ``data``, rejecting unknown keys and wrong types."""
+    """Build dataclass ``cls`` from ``data``, rejecting unknown keys and wrong types.
+
+    A dataclass with a ``from_config(data, where)`` classmethod (and ``to_config()``, see
+    :func:`to_dict`) parses its own section, e.g. a section whose keys depend on a name in it.
+    """
+    if hasattr(cls, "from_config"):
+        return cls.from_config(data, where or cls.__name__)  # type: ignore[attr-defined]
     hints = get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - names)
@@ -107,11 +113,16 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
     except (TypeError, ValueError) as err:
         if isinstance(err, ConfigError):
             raise
-        raise ConfigError(f"{where or cls.__name__}: {err}") from err
+        message = str(err)
+        if where and not message.startswith(where):  # messages name their keys already
+            message = f"{where}: {message}"
+        raise ConfigError(message) from err
 
 
 def to_dict(cfg: Any) -> Any:
     """Plain-data form of a config (tuples become lists), for YAML and JSON."""
+    if hasattr(cfg, "to_config") and not isinstance(cfg, type):
+        return to_dict(cfg.to_config())
     if dataclasses.is_dataclass(cfg):
         return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
     if isinstance(cfg, Mapping):

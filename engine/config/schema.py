@@ -6,13 +6,57 @@ are errors. ``umim run CONFIG.yaml section.key=value ...`` overrides any leaf.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
 
-from engine.data.catalog import MISSION_DOMAINS
-from strategies.distill import DistillSettings, TrainScaling
+from engine.config.loader import ConfigError, from_dict, to_dict
+from engine.data.catalog import MISSION_DOMAINS, domain_catalog
+from engine.nn.models import resolve_encoder
+from strategies.distill import DistillSettings
+from strategies.factory import resolve_strategy
+
+
+def _positive(section: str, **values: float | int | None) -> None:
+    """Raise ``ValueError`` naming ``section.key`` for every value that is not > 0."""
+    bad = [k for k, v in values.items() if v is not None and not v > 0]
+    if bad:
+        raise ValueError(", ".join(f"{section}.{k} must be > 0" for k in bad))
+
+
+def _non_negative(section: str, **values: float | int | None) -> None:
+    """Raise ``ValueError`` naming ``section.key`` for every value that is < 0."""
+    bad = [k for k, v in values.items() if v is not None and v < 0]
+    if bad:
+        raise ValueError(", ".join(f"{section}.{k} must be >= 0" for k in bad))
+
+
+@dataclass(frozen=True)
+class TrainScaling:
+    """How a server-side Ray Train job is spread: ``num_workers`` DDP workers with
+    ``cpus_per_worker`` CPUs each and, when ``use_gpu``, ``gpus_per_worker`` GPUs each
+    (fractions share a device with the client actors)."""
+
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    gpus_per_worker: float = 1.0
+
+    def check_scaling(self, knob: str) -> None:
+        """Raise ``ValueError`` naming ``knob`` (the config section) for bad scaling."""
+        if self.num_workers < 1:
+            raise ValueError(f"{knob}.num_workers must be >= 1")
+        if self.cpus_per_worker <= 0:
+            raise ValueError(f"{knob}.cpus_per_worker must be > 0")
+        if self.use_gpu and not 0 < self.gpus_per_worker <= 8:
+            raise ValueError(f"{knob}.gpus_per_worker must be in (0, 8]")
+
+    def scaling(self) -> TrainScaling:
+        """Just the scaling fields."""
+        return TrainScaling(**{f.name: getattr(self, f.name)
+                               for f in dataclasses.fields(TrainScaling)})
 
 
 @dataclass(frozen=True)
@@ -64,17 +108,36 @@ class DataConfig:
             raise ValueError(f"data.domains has duplicates: {list(self.domains)}")
         if self.clients_per_domain < 1:
             raise ValueError("data.clients_per_domain must be >= 1")
+        _positive("data", dirichlet_alpha=self.dirichlet_alpha,
+                  max_train_samples=self.max_train_samples,
+                  max_eval_samples=self.max_eval_samples, pool_size=self.pool_size)
+        catalog = self.catalog()
+        unknown = [d for d in self.domains if d not in catalog]
+        if unknown:
+            raise ValueError(f"data.domains: unknown domain(s) {unknown}; known: "
+                             f"{list(catalog)} (add your own under data.extra_domains)")
+
+    def catalog(self) -> dict[str, Any]:
+        """The domain catalog of this experiment (built-ins plus ``extra_domains``)."""
+        try:
+            return domain_catalog(dict(self.extra_domains))
+        except ValueError as err:
+            raise ValueError(f"data.extra_domains: {err}") from err
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """The shared encoder (MONAI networks at 3 x 28 x 28) and the heads on top of it.
 
-    ``arch`` is ``vit`` (MONAI ``ViT``, the MAE-compatible encoder) or ``resnet18``
-    (MONAI ``ResNet`` with a 3x3 stride-1 stem and no max-pool).
+    ``arch`` is ``vit`` (MONAI ``ViT``, the MAE-compatible encoder), ``resnet18`` (MONAI
+    ``ResNet`` with a 3x3 stride-1 stem and no max-pool), any encoder registered with
+    ``umim.register_encoder``, an import path ``package.module:factory`` or an entry point
+    of ``umim.encoders``. ``options`` are the encoder's own options (validated against the
+    options dataclass it declares). The sizes below are the ViT's.
     """
 
-    arch: Literal["vit", "resnet18"] = "vit"
+    arch: str = "vit"
+    options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     patch_size: int = 4
     hidden_size: int = 192
     mlp_dim: int = 384
@@ -83,10 +146,23 @@ class ModelConfig:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
+        _positive("model", patch_size=self.patch_size, hidden_size=self.hidden_size,
+                  mlp_dim=self.mlp_dim, num_layers=self.num_layers, num_heads=self.num_heads)
         if 28 % self.patch_size:
             raise ValueError(f"model.patch_size must divide 28, got {self.patch_size}")
         if self.hidden_size % self.num_heads:
             raise ValueError("model.hidden_size must be a multiple of model.num_heads")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError("model.dropout must be in [0, 1)")
+        try:
+            spec = resolve_encoder(self.arch)
+        except ValueError as err:
+            raise ValueError(f"model.arch: {err}") from err
+        if spec.options is None and self.options:
+            raise ValueError(f"model.options: encoder {self.arch!r} declares no options, "
+                             f"got {sorted(self.options)}")
+        if spec.options is not None:
+            from_dict(spec.options, self.options, "model.options")
 
 
 @dataclass(frozen=True)
@@ -108,6 +184,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.local_epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("train.local_epochs and train.batch_size must be >= 1, lr > 0")
+        _non_negative("train", weight_decay=self.weight_decay)
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError("train.momentum must be in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -147,45 +226,98 @@ class ClientsConfig:
             raise ValueError("clients.num_cpus must be > 0 and clients.num_gpus >= 0")
         if not 0.0 < self.min_fit_fraction <= 1.0:
             raise ValueError("clients.min_fit_fraction must be in (0, 1]")
+        _non_negative("clients", max_restarts=self.max_restarts, max_retries=self.max_retries)
+        _positive("clients", ready_timeout_s=self.ready_timeout_s)
 
 
 @dataclass(frozen=True)
 class StrategyConfig:
-    """Which strategy runs and its schedule.
+    """Which strategy runs, its rounds, and its own options.
 
-    ``name`` is one of the registered strategies (``umim strategies`` lists them):
-    ``universal``, ``fedavg``, ``fedprox``, ``local``, ``centralised``.
+    In YAML the section is flat: ``name``, ``rounds`` and the keys of the strategy's
+    ``Options`` dataclass side by side (``umim strategies`` lists each strategy's options)::
+
+        strategy: {name: fedprox, rounds: 20, proximal_mu: 0.1}
+
+    A key the named strategy does not declare is an error naming the strategy.
 
     Attributes
     ----------
+    name
+        A registered strategy (``universal``, ``fedavg``, ``fedprox``, ``local``,
+        ``centralised``), or an import path ``package.module:Class``.
     rounds
-        Rounds of the FL strategies (the universal strategy runs
-        ``stages x rounds_per_stage`` rounds instead).
-    proximal_mu
-        FedProx's proximal weight.
-    stages
-        Universal: explicit domain lists, one per stage (e.g. ``[[breast, retina], [...]]``);
-        empty means ``num_stages`` consecutive chunks of ``data.domains``.
-    num_stages, rounds_per_stage
-        Universal: how many stages, and rounds (fine-tune + distil) within each.
-    local_epochs
-        Universal: epochs of local fine-tuning per round (``None``: ``train.local_epochs``).
-    select_on_val
-        Universal: clients keep the epoch with the best private val AUC.
+        Rounds of the run, for strategies that do not plan their own (the universal
+        strategy runs ``stages x rounds_per_stage`` rounds).
+    options
+        An instance of the strategy's ``Options`` dataclass.
     """
 
     name: str = "fedavg"
     rounds: int = 2
-    proximal_mu: float = 0.01
-    stages: tuple[tuple[str, ...], ...] = ()
-    num_stages: int = 2
-    rounds_per_stage: int = 1
-    local_epochs: int | None = None
-    select_on_val: bool = True
+    options: Any = None
+
+    COMMON = ("name", "rounds")
 
     def __post_init__(self) -> None:
-        if self.rounds < 1 or self.num_stages < 1 or self.rounds_per_stage < 1:
-            raise ValueError("strategy.rounds, num_stages and rounds_per_stage must be >= 1")
+        if self.rounds < 1:
+            raise ValueError("strategy.rounds must be >= 1")
+        try:
+            cls = resolve_strategy(self.name)
+        except ValueError as err:
+            raise ValueError(f"strategy.name: {err}") from err
+        if self.options is None:
+            object.__setattr__(self, "options", cls.Options())
+        elif not isinstance(self.options, cls.Options):
+            raise ValueError(f"strategy {self.name!r} takes {cls.Options.__name__} options, "
+                             f"got {type(self.options).__name__}")
+
+    @property
+    def strategy_class(self) -> type:
+        """The strategy class :attr:`name` resolves to."""
+        return resolve_strategy(self.name)
+
+    @classmethod
+    def keys_for(cls, data: Mapping[str, Any]) -> list[str]:
+        """The valid keys of a section naming ``data["name"]`` (common keys, then options)."""
+        strategy = resolve_strategy(str(data.get("name", cls.name)))
+        return [*cls.COMMON, *(f.name for f in dataclasses.fields(strategy.Options))]
+
+    @classmethod
+    def from_config(cls, data: Mapping[str, Any], where: str = "strategy") -> StrategyConfig:
+        """Build from the flat YAML form (see the class docstring)."""
+        data = dict(data)
+        name = data.pop("name", cls.name)
+        if not isinstance(name, str):
+            raise ConfigError(f"{where}.name: expected a string, got {name!r}")
+        rounds = data.pop("rounds", cls.rounds)
+        if isinstance(rounds, bool) or not isinstance(rounds, int):
+            raise ConfigError(f"{where}.rounds: expected an integer, got {rounds!r}")
+        try:
+            strategy = resolve_strategy(name)
+        except ValueError as err:
+            raise ConfigError(f"{where}.name: {err}") from err
+        valid = [f.name for f in dataclasses.fields(strategy.Options)]
+        unknown = sorted(set(data) - set(valid))
+        if unknown:
+            raise ConfigError(f"{[f'{where}.{k}' for k in unknown]}: not option(s) of strategy "
+                              f"{name!r}; its options: {valid}, common keys: "
+                              f"{list(cls.COMMON)}")
+        options = from_dict(strategy.Options, data, where)
+        try:
+            return cls(name=name, rounds=rounds, options=options)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+
+    def to_config(self) -> dict[str, Any]:
+        """The flat YAML form."""
+        return {"name": self.name, "rounds": self.rounds, **to_dict(self.options)}
+
+    def with_strategy(self, name: str, rounds: int | None = None,
+                      options: Mapping[str, Any] | None = None) -> StrategyConfig:
+        """Another strategy (its own options from ``options``, else its defaults)."""
+        return StrategyConfig.from_config({"name": name, "rounds": rounds or self.rounds,
+                                           **dict(options or {})})
 
 
 @dataclass(frozen=True)
@@ -214,6 +346,32 @@ class PretrainConfig(TrainScaling):
             raise ValueError("pretrain.mask_ratio must be in (0, 1)")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("pretrain.epochs and batch_size must be >= 1")
+        _positive("pretrain", lr=self.lr, decoder_hidden_size=self.decoder_hidden_size,
+                  decoder_mlp_dim=self.decoder_mlp_dim,
+                  decoder_num_layers=self.decoder_num_layers,
+                  decoder_num_heads=self.decoder_num_heads)
+        _non_negative("pretrain", weight_decay=self.weight_decay)
+        if self.decoder_hidden_size % self.decoder_num_heads:
+            raise ValueError("pretrain.decoder_hidden_size must be a multiple of "
+                             "pretrain.decoder_num_heads")
+
+
+@dataclass(frozen=True)
+class DistillConfig(DistillSettings, TrainScaling):
+    """The ``distill`` section: the objective and its stopping rule
+    (:class:`~strategies.distill.DistillSettings`, handed to strategies) plus how the Ray
+    Train job is spread (:class:`TrainScaling`, the engine's alone)."""
+
+    def __post_init__(self) -> None:
+        DistillSettings.__post_init__(self)
+        self.check_scaling("distill")
+        _positive("distill", lr=self.lr, batch_size=self.batch_size)
+        _non_negative("distill", weight_decay=self.weight_decay)
+
+    def objective(self) -> DistillSettings:
+        """Just the objective's settings (what a strategy receives)."""
+        return DistillSettings(**{f.name: getattr(self, f.name)
+                                  for f in dataclasses.fields(DistillSettings)})
 
 
 @dataclass(frozen=True)
@@ -245,6 +403,32 @@ class EvaluationConfig:
     baselines: tuple[str, ...] = ()
     baseline_rounds: int | None = None
     baseline_seeds: tuple[int, ...] | None = None
+    baseline_options: Mapping[str, Mapping[str, Any]] = field(
+        default_factory=lambda: MappingProxyType({}))
+
+    def __post_init__(self) -> None:
+        _non_negative("evaluation", finetune_epochs=self.finetune_epochs)
+        _positive("evaluation", baseline_rounds=self.baseline_rounds)
+        for key in ("seeds", "lodo_domains", "baselines"):
+            values = getattr(self, key)
+            if len(set(values)) != len(values):
+                raise ValueError(f"evaluation.{key} has duplicates: {list(values)}")
+        for name in self.baselines:
+            try:
+                resolve_strategy(name)
+            except ValueError as err:
+                raise ValueError(f"evaluation.baselines: {err}") from err
+        extra = sorted(set(self.baseline_options) - set(self.baselines))
+        if extra:
+            raise ValueError(f"evaluation.baseline_options names strategies that are not "
+                             f"baselines: {extra}")
+
+    def baseline_strategy(self, name: str, rounds: int) -> StrategyConfig:
+        """The strategy section of baseline ``name`` (its ``baseline_options``, else its
+        defaults)."""
+        return StrategyConfig.from_config({"name": name, "rounds": rounds,
+                                           **dict(self.baseline_options.get(name, {}))},
+                                          f"evaluation.baseline_options.{name}")
 
 
 @dataclass(frozen=True)
@@ -269,6 +453,13 @@ class RunConfig:
     evaluate_every: int = 1
     dashboard: bool | None = None
 
+    def __post_init__(self) -> None:
+        if self.checkpoint_every < 1 or self.keep_checkpoints < 1:
+            raise ValueError("run.checkpoint_every and run.keep_checkpoints must be >= 1")
+        _non_negative("run", evaluate_every=self.evaluate_every)
+        if not self.storage_path:
+            raise ValueError("run.storage_path may not be empty")
+
 
 @dataclass(frozen=True)
 class ExperimentConfig:
@@ -282,14 +473,49 @@ class ExperimentConfig:
     clients: ClientsConfig = field(default_factory=ClientsConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-    distill: DistillSettings = field(default_factory=DistillSettings)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self) -> None:
-        unknown = [d for stage in self.strategy.stages for d in stage
-                   if d not in self.data.domains]
-        unknown += [d for d in self.evaluation.lodo_domains if d not in self.data.domains]
+        stages = getattr(self.strategy.options, "stages", ())
+        unknown = [d for stage in stages for d in stage if d not in self.data.domains]
         if unknown:
-            raise ValueError(f"strategy.stages / evaluation.lodo_domains name domains that are "
-                             f"not in data.domains: {unknown}")
+            raise ValueError(f"strategy.stages name domains that are not in data.domains: "
+                             f"{unknown}")
+        unknown = [d for d in self.evaluation.lodo_domains if d not in self.data.domains]
+        if unknown:
+            raise ValueError(f"evaluation.lodo_domains name domains that are not in "
+                             f"data.domains: {unknown}")
+        try:  # the strategy's own plan must hold for these domains (e.g. stages)
+            self.strategy.strategy_class.planned_rounds(self.strategy.options,
+                                                        self.data.domains, self.strategy.rounds)
+        except ValueError as err:
+            raise ValueError(f"strategy: {err}") from err
+        if self.pretrain.method == "mim" and self.model.arch != "vit":
+            raise ValueError("pretrain.method=mim needs model.arch=vit (MONAI's MAE is a ViT); "
+                             f"got model.arch={self.model.arch!r}")
+
+    # -- what the experiment needs, from what its strategies declare ------------------------
+    def strategy_classes(self) -> list[type]:
+        """The classes of the main strategy and of every baseline."""
+        return [self.strategy.strategy_class,
+                *(resolve_strategy(name) for name in self.evaluation.baselines)]
+
+    @property
+    def needs_pooled_client(self) -> bool:
+        """Whether a strategy that runs declares ``pooled`` (the engine starts the pooled
+        oracle client for it)."""
+        return any(cls.pooled for cls in self.strategy_classes())
+
+    @property
+    def runs_train_jobs(self) -> bool:
+        """Whether the experiment runs Ray Train jobs: MIM pretraining, a strategy that
+        declares ``distils``, or leave-one-domain-out distillations."""
+        return (self.pretrain.method != "none" or bool(self.evaluation.lodo_domains)
+                or any(cls.distils for cls in self.strategy_classes()))
+
+    def planned_rounds(self) -> int:
+        """Rounds of the main run, as its strategy plans them."""
+        return self.strategy.strategy_class.planned_rounds(
+            self.strategy.options, self.data.domains, self.strategy.rounds)

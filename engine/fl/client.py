@@ -32,6 +32,7 @@ from engine.data.prepare import ShardRecipe
 from engine.data.shards import Shard, read_shard
 from engine.nn.metrics import auc_acc, scores_from_logits
 from engine.nn.models import MultiHeadNet, build_model
+from strategies.state import is_head_key
 from strategies.types import ClientInfo, EvaluateIns, EvaluateRes, FitIns, FitRes, State
 
 logger = logging.getLogger(__name__)
@@ -222,7 +223,7 @@ class Client:
     # -- internals -------------------------------------------------------------------------
     def _load(self, state: State, fresh_heads: tuple[str, ...], seed: int) -> None:
         own = self.model.state_dict()
-        fresh_keys = {k for d in fresh_heads for k in own if k.startswith(f"heads.{d}.")}
+        fresh_keys = {k for d in fresh_heads for k in own if is_head_key(k, d)}
         missing = sorted(set(own) - set(state) - fresh_keys)
         unexpected = sorted(set(state) - set(own))
         if missing or unexpected:

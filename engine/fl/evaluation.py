@@ -13,19 +13,17 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
-
+from engine.fl.protocols import ClientPool
 from engine.records.results import Results
-from strategies.aggregate import select
-from strategies.base import ENCODER
 from strategies.distill import DistillRequest, DistillService, DistillSettings, Teacher
+from strategies.state import encoder_of
 from strategies.types import ClientInfo, FitIns, State
 from strategies.universal import teachers_from
 
 logger = logging.getLogger(__name__)
 
 
-def finetune_compare(actors: Any, infos: Mapping[str, ClientInfo], cids: Sequence[str],
+def finetune_compare(actors: ClientPool, infos: Mapping[str, ClientInfo], cids: Sequence[str],
                      encoders: Mapping[str, State], *, epochs: int, seeds: Sequence[int],
                      results: Results) -> None:
     """Fine-tune ``cids`` from each encoder in ``encoders`` (method -> encoder state).
@@ -49,7 +47,7 @@ def finetune_compare(actors: Any, infos: Mapping[str, ClientInfo], cids: Sequenc
                     results.add(method, seed, cid, domain, metrics)
 
 
-def base_teachers(actors: Any, infos: Mapping[str, ClientInfo], cids: Sequence[str],
+def base_teachers(actors: ClientPool, infos: Mapping[str, ClientInfo], cids: Sequence[str],
                   base: State, *, epochs: int, seed: int) -> list[Teacher]:
     """Every client fine-tuned once from the base: the teachers of the LODO global models."""
     shared = dict(base)
@@ -71,8 +69,3 @@ def lodo_encoder(distiller: DistillService, base: State, teachers: Sequence[Teac
                              settings=settings, seed=seed, tag=f"lodo-{held_out}")
     result = distiller.distil(request)
     return encoder_of(result.state), result
-
-
-def encoder_of(state: Mapping[str, torch.Tensor]) -> State:
-    """The ``encoder.*`` tensors of a model state."""
-    return select(state, ENCODER)

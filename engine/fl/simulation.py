@@ -13,15 +13,16 @@ from typing import Any
 
 import torch
 
-from engine.config import ExperimentConfig, to_dict
+from engine.config import ExperimentConfig
 from engine.fl.failures import ClientFailure
+from engine.fl.protocols import ClientPool
 from engine.records.checkpoint import Checkpoint, save_checkpoint
 from engine.records.history import History
 from engine.records.progress import RunProgress
 from engine.records.storage import Storage
-from strategies import Strategy, create_strategy, nonfinite_keys
-from strategies.centralised import POOLED_CID
-from strategies.types import EvaluateRes, FitRes
+from strategies import Strategy, StrategyContext, create_strategy, nonfinite_keys
+from strategies.distill import DistillService
+from strategies.types import POOLED_CID, ClientInfo, EvaluateRes, FitRes
 
 logger = logging.getLogger(__name__)
 
@@ -56,9 +57,15 @@ class Callback:
 
 
 def make_strategy(cfg: ExperimentConfig) -> Strategy:
-    """The configured strategy, given every option it may declare."""
-    options = {**to_dict(cfg.strategy), "distill": cfg.distill, "seed": cfg.seed}
-    return create_strategy(cfg.strategy.name, options)
+    """The configured strategy with its own options and the engine's context."""
+    context = StrategyContext(seed=cfg.seed, distill=cfg.distill.objective())
+    return create_strategy(cfg.strategy.name, cfg.strategy.options, context)
+
+
+def client_domain(info: ClientInfo) -> str:
+    """The ``domain`` column of a client's own rows: its domain, or its domains joined by
+    ``+`` for a pooled client."""
+    return "+".join(info.domains)
 
 
 class Simulation:
@@ -80,8 +87,8 @@ class Simulation:
         Progress display and hooks.
     """
 
-    def __init__(self, cfg: ExperimentConfig, storage: Storage, actors: Any,
-                 encoder: dict[str, torch.Tensor], *, distiller: Any = None,
+    def __init__(self, cfg: ExperimentConfig, storage: Storage, actors: ClientPool,
+                 encoder: dict[str, torch.Tensor], *, distiller: DistillService | None = None,
                  quiet: bool = False, callbacks: Sequence[Callback] = ()) -> None:
         self.cfg = cfg
         self.storage = storage
@@ -92,6 +99,7 @@ class Simulation:
         self.failures: list[dict[str, Any]] = []
         self.strategy = make_strategy(cfg)
         infos = actors.infos()
+        self.domain_of = {cid: client_domain(info) for cid, info in infos.items()}
         order = {d: i for i, d in enumerate(cfg.data.domains)}
         self.eval_cids = sorted((c for c in infos if c != POOLED_CID),
                                 key=lambda c: (min(order.get(d, len(order))
@@ -104,7 +112,9 @@ class Simulation:
             self.fit_cids = list(self.eval_cids)
         self.strategy.initialize([infos[c] for c in self.fit_cids + self.eval_cids
                                   if c in infos], encoder)
-        if hasattr(self.strategy, "distiller"):
+        if self.strategy.distils:
+            if distiller is None:
+                raise RunError(f"strategy {cfg.strategy.name!r} distils and needs a distiller")
             self.strategy.distiller = distiller
         self.rounds = self.strategy.num_rounds(cfg.strategy.rounds)
         self.fit_cache = None
@@ -185,7 +195,8 @@ class Simulation:
                 failures[cid] = ClientFailure("nonfinite_update", f"NaN/Inf in {bad[:3]}")
                 continue
             valid[cid] = res
-            self.history.add(server_round, cid, "fit", res.metrics)
+            self.history.add(server_round, cid, "fit", res.metrics,
+                             domain=self.domain_of.get(cid, ""))
         for cid, failure in failures.items():
             self._record_failure(server_round, cid, failure.kind, failure.message)
         needed = math.ceil(self.cfg.clients.min_fit_fraction * len(instructions))

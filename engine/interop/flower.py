@@ -67,7 +67,8 @@ with warnings.catch_warnings():  # flwr imports typer, which uses click APIs cli
     from flwr.clientapp import ClientApp
 
 from engine.fl.client import Client, derive_seed
-from engine.nn.models import ENCODER_PREFIX, HEAD_PREFIX, MultiHeadNet
+from engine.nn.models import MultiHeadNet
+from strategies.state import head_prefix, is_encoder_key, is_head_key
 from strategies.types import EvaluateIns, FitIns, State
 
 logger = logging.getLogger(__name__)
@@ -139,8 +140,8 @@ def initial_arrays(model: MultiHeadNet | Client, include_heads: bool = False) ->
         Also share the heads (only for clients that all hold the same domains).
     """
     net = model.model if isinstance(model, Client) else model
-    prefixes = (ENCODER_PREFIX, HEAD_PREFIX) if include_heads else (ENCODER_PREFIX,)
-    return state_to_arrays(net.state_dict(), lambda k: k.startswith(prefixes))
+    return state_to_arrays(net.state_dict(),
+                           lambda k: is_encoder_key(k) or (include_heads and is_head_key(k)))
 
 
 def partition_id(context: Context) -> int:
@@ -191,7 +192,7 @@ class FlowerClient:
         fit_config["round"] = int(server_round)  # type: ignore[arg-type]
         res = self.client.fit(FitIns(state=state, fresh_heads=fresh, config=fit_config))
         self.state[HEADS_STATE_KEY] = state_to_arrays(
-            res.state, lambda k: k.startswith(HEAD_PREFIX))
+            res.state, is_head_key)
         metrics = MetricRecord({k: float(v) for k, v in res.metrics.items()})
         metrics[WEIGHT_KEY] = int(res.num_examples)
         return RecordDict({ARRAYS_KEY: state_to_arrays(res.state, received.__contains__),
@@ -207,7 +208,7 @@ class FlowerClient:
             head = self.client.model.add_head(
                 domain, self.client.num_classes[domain],
                 seed=derive_seed(self.client.seed, "head", domain))
-            state.update({f"{HEAD_PREFIX}{domain}.{k}": v.detach().cpu()
+            state.update({f"{head_prefix(domain)}{k}": v.detach().cpu()
                           for k, v in head.state_dict().items()})
         split = str(_config(content).get("split", "val"))
         res = self.client.evaluate(EvaluateIns(state=state, split=split))
@@ -234,7 +235,7 @@ class FlowerClient:
         state = dict(received)
         fresh = []
         for domain in self.client.num_classes:
-            prefix = f"{HEAD_PREFIX}{domain}."
+            prefix = head_prefix(domain)
             if any(k.startswith(prefix) for k in received):
                 continue
             head = {k: v for k, v in stored.items() if k.startswith(prefix)}

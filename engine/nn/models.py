@@ -1,23 +1,35 @@
 """Networks: a registry of encoders (MONAI ViT, MONAI ResNet-18) and the multi-head model.
 
 Every model in umim is a :class:`MultiHeadNet`: one shared encoder and one linear head per
-domain. Its ``state_dict`` keys are ``encoder.*`` and ``heads.<domain>.*``; strategies
-exchange those tensors, never modules.
+domain. Its ``state_dict`` keys are the encoder's and each head's (the prefixes live in
+:mod:`strategies.state`); strategies exchange those tensors, never modules.
+
+``model.arch`` names an encoder: a registered one (:func:`register_encoder`), an import path
+``"package.module:factory"``, or an entry point of the group ``umim.encoders``. A factory
+takes the model config (an object with ``arch``, ``options`` and the ViT sizes of
+``engine.config.ModelConfig``) and returns a module mapping ``(B, 3, 28, 28)`` to
+``(B, out_features)`` that exposes ``out_features``. Its own options travel in
+``model.options``; declare them as a frozen dataclass (``register_encoder(..., options=)``
+or an ``Options`` attribute of the factory) and they are validated when the config loads
+and handed over typed by :func:`encoder_options`.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from engine.config import ModelConfig
 from engine.data.unify import UNIFIED_CHANNELS, UNIFIED_SIZE
+from strategies.registry import Registry
+from strategies.state import ENCODER_PREFIX, HEADS_PREFIX
 
-ENCODER_PREFIX = "encoder."
-HEAD_PREFIX = "heads."
+if TYPE_CHECKING:  # the config layer sits above this one; only its shape is used here
+    from engine.config import ModelConfig
 
 
 class ViTEncoder(nn.Module):
@@ -62,15 +74,58 @@ class ResNet18Encoder(nn.Module):
         return self.resnet(x)
 
 
-ENCODERS: dict[str, Callable[[ModelConfig], nn.Module]] = {
-    "vit": ViTEncoder,
-    "resnet18": ResNet18Encoder,
-}
+@dataclass(frozen=True)
+class EncoderSpec:
+    """A registered encoder: its factory and the dataclass of its ``model.options``
+    (``None``: it takes none)."""
+
+    factory: Callable[[ModelConfig], nn.Module]
+    options: type | None = None
 
 
-def register_encoder(name: str, factory: Callable[[ModelConfig], nn.Module]) -> None:
-    """Add an encoder to the registry (it must expose ``out_features``)."""
-    ENCODERS[name] = factory
+ENCODERS: Registry[EncoderSpec] = Registry("encoder", "umim.encoders", {
+    "vit": EncoderSpec(ViTEncoder),
+    "resnet18": EncoderSpec(ResNet18Encoder),
+})
+"""Every registered encoder by ``model.arch`` name."""
+
+
+def register_encoder(name: str, factory: Callable[[ModelConfig], nn.Module], *,
+                     options: type | None = None) -> None:
+    """Add an encoder to the registry (its modules must expose ``out_features``).
+
+    Registered in the driver, it is installed in every process the engine starts (client
+    actors, Train workers, Tune trials); see ``engine.config.plugins``.
+
+    Parameters
+    ----------
+    name
+        The ``model.arch`` name.
+    factory
+        ``factory(model_config) -> nn.Module``.
+    options
+        A frozen dataclass of the encoder's ``model.options`` (default: the factory's
+        ``Options`` attribute, if any).
+    """
+    ENCODERS.register(name, EncoderSpec(factory, options or getattr(factory, "Options", None)))
+
+
+def resolve_encoder(arch: str) -> EncoderSpec:
+    """The encoder named ``arch``: registered, import path or entry point."""
+    found = ENCODERS.resolve(arch)
+    if isinstance(found, EncoderSpec):
+        return found
+    if not callable(found):
+        raise ValueError(f"model.arch {arch!r} resolves to {found!r}, not a callable")
+    return EncoderSpec(found, getattr(found, "Options", None))
+
+
+def encoder_options(cfg: ModelConfig) -> Any:
+    """``cfg.options`` as the encoder's options dataclass (``None`` when it declares none)."""
+    spec = resolve_encoder(cfg.arch)
+    if spec.options is None:
+        return None
+    return spec.options(**dict(cfg.options))
 
 
 class MultiHeadNet(nn.Module):
@@ -121,9 +176,10 @@ class MultiHeadNet(nn.Module):
 
 def build_model(cfg: ModelConfig, heads: Mapping[str, int]) -> MultiHeadNet:
     """Create a :class:`MultiHeadNet` from the registry (the one factory)."""
-    if cfg.arch not in ENCODERS:
-        raise ValueError(f"unknown model.arch {cfg.arch!r}; registered: {sorted(ENCODERS)}")
-    return MultiHeadNet(ENCODERS[cfg.arch](cfg), heads)
+    encoder = resolve_encoder(cfg.arch).factory(cfg)
+    if not isinstance(encoder, nn.Module) or not hasattr(encoder, "out_features"):
+        raise TypeError(f"encoder {cfg.arch!r} must return an nn.Module with out_features")
+    return MultiHeadNet(encoder, heads)
 
 
 def split_state(state: Mapping[str, torch.Tensor]
@@ -132,7 +188,7 @@ def split_state(state: Mapping[str, torch.Tensor]
     encoder = {k: v for k, v in state.items() if k.startswith(ENCODER_PREFIX)}
     heads: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
-        if key.startswith(HEAD_PREFIX):
-            domain = key[len(HEAD_PREFIX):].split(".", 1)[0]
+        if key.startswith(HEADS_PREFIX):
+            domain = key[len(HEADS_PREFIX):].split(".", 1)[0]
             heads.setdefault(domain, {})[key] = value
     return encoder, heads

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import astuple, dataclass, fields
+from dataclasses import dataclass
 
 import pyarrow as pa
-import pyarrow.parquet as pq
+
+from engine.records.table import LongTable
 
 SCHEMA = pa.schema([
     ("round", pa.int32()),
@@ -38,14 +38,28 @@ class Record:
     value: float
 
 
-class History:
-    """An append-only list of :class:`Record` with Parquet I/O and a few queries."""
+class History(LongTable[Record]):
+    """An append-only list of :class:`Record` with Parquet I/O and a few queries.
+
+    The records are :attr:`records` (also :attr:`rows`, the name the base class uses);
+    Arrow, Parquet and pandas I/O come from :class:`~engine.records.table.LongTable`, with
+    :data:`SCHEMA`.
+    """
+
+    row_type = Record
+    schema = SCHEMA
 
     def __init__(self, records: Iterable[Record] = ()) -> None:
-        self.records: list[Record] = list(records)
+        super().__init__(records)
 
-    def __len__(self) -> int:
-        return len(self.records)
+    @property
+    def records(self) -> list[Record]:
+        """The records, in the order they were added."""
+        return self.rows
+
+    @records.setter
+    def records(self, value: list[Record]) -> None:
+        self.rows = value
 
     def add(self, server_round: int, client: str, phase: str,
             metrics: Mapping[str, float], domain: str = "") -> None:
@@ -57,25 +71,6 @@ class History:
     def truncate(self, after_round: int) -> None:
         """Drop records of rounds after ``after_round`` (used on resume)."""
         self.records = [r for r in self.records if r.round <= after_round]
-
-    def to_table(self) -> pa.Table:
-        """The history as an Arrow table with :data:`SCHEMA`."""
-        columns = list(zip(*(astuple(r) for r in self.records), strict=True)) or \
-            [[] for _ in fields(Record)]
-        return pa.table([pa.array(c, type=f.type) for c, f in zip(columns, SCHEMA, strict=True)],
-                        schema=SCHEMA)
-
-    def to_parquet_bytes(self) -> bytes:
-        """Parquet bytes of :meth:`to_table`."""
-        sink = io.BytesIO()
-        pq.write_table(self.to_table(), sink)
-        return sink.getvalue()
-
-    @classmethod
-    def from_parquet_bytes(cls, data: bytes) -> History:
-        """Inverse of :meth:`to_parquet_bytes`."""
-        table = pq.read_table(io.BytesIO(data))
-        return cls(Record(*row.values()) for row in table.to_pylist())
 
     def latest(self, phase: str, metric: str) -> dict[tuple[str, str], float]:
         """(client, domain) -> value of ``metric`` in the last round that has it."""

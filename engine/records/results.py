@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import io
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
-from dataclasses import astuple, dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
+
+from engine.records.table import LongTable
 
 SCHEMA = pa.schema([("method", pa.string()), ("seed", pa.int64()), ("client", pa.string()),
                     ("domain", pa.string()), ("metric", pa.string()), ("value", pa.float64())])
@@ -28,12 +28,16 @@ class Row:
     value: float
 
 
-class Results:
+class Results(LongTable[Row]):
     """Rows of test metrics for every method, with Parquet I/O and the aggregations the
-    report needs."""
+    report needs.
 
-    def __init__(self, rows: Iterable[Row] = ()) -> None:
-        self.rows: list[Row] = list(rows)
+    Arrow, Parquet and pandas I/O come from :class:`~engine.records.table.LongTable`, with
+    :data:`SCHEMA`.
+    """
+
+    row_type = Row
+    schema = SCHEMA
 
     def add(self, method: str, seed: int, client: str, domain: str,
             metrics: Mapping[str, float]) -> None:
@@ -48,20 +52,6 @@ class Results:
     def methods(self) -> list[str]:
         """Method names in first-seen order."""
         return list(dict.fromkeys(r.method for r in self.rows))
-
-    def to_parquet_bytes(self) -> bytes:
-        """Parquet bytes with :data:`SCHEMA`."""
-        cols = list(zip(*(astuple(r) for r in self.rows), strict=True)) or [[]] * 6
-        table = pa.table([pa.array(c, type=f.type) for c, f in zip(cols, SCHEMA, strict=True)],
-                         schema=SCHEMA)
-        sink = io.BytesIO()
-        pq.write_table(table, sink)
-        return sink.getvalue()
-
-    @classmethod
-    def from_parquet_bytes(cls, data: bytes) -> Results:
-        """Inverse of :meth:`to_parquet_bytes`."""
-        return cls(Row(**r) for r in pq.read_table(io.BytesIO(data)).to_pylist())
 
     def per_domain_seed(self, method: str, metric: str) -> dict[tuple[str, int], float]:
         """(domain, seed) -> mean over the domain's clients."""

@@ -18,7 +18,9 @@ from engine.data.prepare import ShardRecipe
 from engine.fl.client import ClientSpec, derive_seed, shard_builder
 from engine.nn.models import build_model
 from engine.records.storage import Storage
-from strategies.centralised import POOLED_CID
+from engine.train.distill import RayTrainDistiller
+from strategies.state import encoder_of
+from strategies.types import POOLED_CID
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +63,7 @@ def initial_encoder(cfg: ExperimentConfig) -> dict[str, torch.Tensor]:
     """The random initial global encoder, reproducible from ``cfg.seed``."""
     torch.manual_seed(derive_seed(cfg.seed, "initial-encoder"))
     model = build_model(cfg.model, {})
-    return {k: v.detach().clone() for k, v in model.state_dict().items()
-            if k.startswith("encoder.")}
+    return {k: v.detach().clone() for k, v in encoder_of(model.state_dict()).items()}
 
 
 class Session:
@@ -73,15 +74,16 @@ class Session:
     cfg
         The experiment (paths resolved, see :func:`resolve_paths`).
     pooled
-        Also start the pooled oracle client (needed by the ``centralised`` strategy).
+        Also start the pooled oracle client (default: when a strategy of the experiment
+        declares ``pooled``).
     observers
         See every object the client actors send back (see :class:`~engine.cluster.pool.ActorPool`).
     """
 
-    def __init__(self, cfg: ExperimentConfig, *, pooled: bool,
+    def __init__(self, cfg: ExperimentConfig, *, pooled: bool | None = None,
                  observers: Sequence[Any] = ()) -> None:
         self.cfg = cfg
-        self.pooled = pooled
+        self.pooled = cfg.needs_pooled_client if pooled is None else pooled
         self.observers = list(observers)
         self.actors: Any = None
         self.base: dict[str, torch.Tensor] = {}
@@ -111,13 +113,11 @@ class Session:
                     self.base_info["method"])
         return self
 
-    def distiller(self, storage: Storage, callbacks: Any = None) -> Any:
+    def distiller(self, storage: Storage, callbacks: Any = None) -> RayTrainDistiller:
         """A Ray Train distiller writing its checkpoints under ``<run dir>/train``
         (``callbacks``: request -> Ray Train callbacks, see ``RayTrainDistiller``)."""
-        from engine.train.distill import RayTrainDistiller
-
         return RayTrainDistiller(self.cfg.model, self.cfg.data, f"{storage.uri}/train",
-                                 callbacks=callbacks)
+                                 scaling=self.cfg.distill.scaling(), callbacks=callbacks)
 
     def shutdown(self) -> None:
         """Stop the client actors."""

@@ -32,7 +32,9 @@ from engine.records.checkpoint import latest_checkpoint
 from engine.records.results import Results
 from engine.records.stats import paired_tests
 from engine.records.storage import Storage
+from engine.run.build import build_simulation
 from engine.run.session import Session, resolve_paths
+from strategies.types import POOLED_CID
 
 logger = logging.getLogger(__name__)
 
@@ -72,10 +74,8 @@ class Study:
     # -- steps -----------------------------------------------------------------------------
     def session(self) -> Session:
         """The experiment's session (started: Ray, shards, base encoder, client actors)."""
-        ev = self.cfg.evaluation
-        pooled = self.cfg.strategy.name == "centralised" or "centralised" in ev.baselines
         observers = [cb.on_client_message for cb in self.callbacks]
-        return Session(self.cfg, pooled=pooled, observers=observers).start()
+        return Session(self.cfg, observers=observers).start()
 
     def execute(self, session: Session) -> RunResult:
         """Run every step not yet done; return the main run's result with the full summary."""
@@ -94,9 +94,8 @@ class Study:
         return replace(main, summary=summary)
 
     def _main(self, session: Session) -> RunResult:
-        sim = Simulation(self.cfg, self.storage, session.actors, session.base,
-                         distiller=session.distiller(self.storage), quiet=self.quiet,
-                         callbacks=self.callbacks)
+        sim = build_simulation(self.cfg, self.storage, session, quiet=self.quiet,
+                               callbacks=self.callbacks)
         checkpoint = latest_checkpoint(self.storage)
         if self._done("main") and checkpoint is not None:
             sim.restore(checkpoint)
@@ -125,7 +124,7 @@ class Study:
         if self._done("finetune"):
             return
         infos = session.actors.infos()
-        cids = sorted(c for c in infos if c != "pooled")
+        cids = sorted(c for c in infos if c != POOLED_CID)
         arms = {f"{self.cfg.strategy.name}+ft": encoder_of(main.strategy_state["encoder"]),
                 base_label(self.cfg): session.base}
         for method in arms:
@@ -142,8 +141,9 @@ class Study:
         if not pending:
             return
         infos = session.actors.infos()
-        cids = sorted(c for c in infos if c != "pooled")
-        epochs = self.cfg.strategy.local_epochs or self.cfg.train.local_epochs
+        cids = sorted(c for c in infos if c != POOLED_CID)
+        epochs = (getattr(self.cfg.strategy.options, "local_epochs", None)
+                  or self.cfg.train.local_epochs)
         teachers = base_teachers(session.actors, infos, cids, session.base, epochs=epochs,
                                  seed=self.cfg.seed)
         distiller = session.distiller(self.storage)
@@ -163,12 +163,11 @@ class Study:
             return
         rounds = self.cfg.evaluation.baseline_rounds or self.cfg.strategy.rounds
         cfg = replace(self.cfg, seed=seed, name=f"{self.cfg.name}-{name}",
-                      strategy=replace(self.cfg.strategy, name=name, rounds=rounds))
+                      strategy=self.cfg.evaluation.baseline_strategy(name, rounds))
         storage = Storage(f"{self.storage.uri}/baselines/{name}-seed{seed}")
         storage.write_text("config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        sim = Simulation(cfg, storage, session.actors, session.base,
-                         distiller=session.distiller(storage), quiet=self.quiet,
-                         callbacks=self.callbacks)
+        sim = build_simulation(cfg, storage, session, quiet=self.quiet,
+                               callbacks=self.callbacks)
         checkpoint = latest_checkpoint(storage)
         sim.run(start_round=sim.restore(checkpoint) if checkpoint is not None else 1)
         self._add_history(name, seed, sim)

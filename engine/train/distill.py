@@ -19,28 +19,29 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.config import DataConfig, ModelConfig
+from engine.config import DataConfig, ModelConfig, TrainScaling
 from engine.nn.models import MultiHeadNet, build_model
 from engine.train.launch import fit_trainer, load_checkpoint_state, report, unwrap
 from engine.train.mim import load_pool
-from strategies.aggregate import select
 from strategies.distill import (
+    LOSS_NAMES,
     DistillRequest,
     DistillResult,
     DistillService,
     agreement,
     confidence,
-    feature_matching,
-    kd_per_sample,
+    distillation_loss,
     teacher_weights,
     tempered_probs,
 )
+from strategies.state import encoder_of, head_of, heads_of, is_head_key
 
 logger = logging.getLogger(__name__)
 
 CURVE_KEY = "_curve"
-CURVE_FIELDS = ("step", "loss", "kd", "feature", "retention", "agreement", "best_agreement",
-                "elapsed_s")
+CURVE_FIELDS = ("step", *LOSS_NAMES, "agreement", "best_agreement", "elapsed_s")
+"""The columns of a distillation curve: the loss terms by name (see
+:data:`strategies.distill.LOSS_NAMES`) and the stopping signal."""
 
 
 class Student(nn.Module):
@@ -82,8 +83,7 @@ def _targets(request: DistillRequest, model_cfg: ModelConfig, x: torch.Tensor,
         total = sum(t.weight for t in teachers)
         p_sum = c_sum = f_sum = l_sum = 0.0
         for t in teachers:
-            state = {k: v for k, v in t.state.items()
-                     if k.startswith("encoder.") or k.startswith(f"heads.{domain}.")}
+            state = {**encoder_of(t.state), **head_of(t.state, domain)}
             net = _frozen(model_cfg, {domain: t.num_classes}, state, device)
             out_l, out_f = [], []
             for i in range(0, len(x), 1024):
@@ -100,11 +100,10 @@ def _targets(request: DistillRequest, model_cfg: ModelConfig, x: torch.Tensor,
     previous: dict[str, torch.Tensor] = {}
     prev_logits: dict[str, torch.Tensor] = {}
     retained = [d for d in request.heads if d not in by_domain
-                and select(request.previous, f"heads.{d}.")]
+                and head_of(request.previous, d)]
     if retained and s.gamma > 0:
         heads = {d: request.heads[d][1] for d in retained}
-        state = {k: v for k, v in request.previous.items() if k.startswith("encoder.")
-                 or any(k.startswith(f"heads.{d}.") for d in retained)}
+        state = {**encoder_of(request.previous), **heads_of(request.previous, retained)}
         net = _frozen(model_cfg, heads, state, device)
         for d in retained:
             out = torch.cat([net(x[i:i + 1024].to(device), d).float()
@@ -127,16 +126,16 @@ def _student(request: DistillRequest, model_cfg: ModelConfig, taught: list[str])
     own = net.state_dict()
     init = {k: v for k, v in request.student.items() if k in own}
     for domain in heads:  # a new head starts as the mean of its teachers' heads
-        if select(init, f"heads.{domain}."):
+        if head_of(init, domain):
             continue
         teachers = [t for t in request.teachers if t.domain == domain]
         if not teachers:
             logger.warning("head %s has no previous global head and no teacher this round: "
                            "it keeps its random initialisation", domain)
             continue
-        for key in select(own, f"heads.{domain}."):
+        for key in head_of(own, domain):
             init[key] = torch.stack([t.state[key].float() for t in teachers]).mean(0)
-    missing = [k for k in own if k not in init and not k.startswith("heads.")]
+    missing = [k for k in own if k not in init and not is_head_key(k)]
     if missing:
         raise ValueError(f"student state lacks encoder tensors {missing[:3]}")
     net.load_state_dict(init, strict=False)
@@ -196,8 +195,9 @@ class DistillJob:
         self.generator = torch.Generator().manual_seed(request.seed + 1000 * rank)
         self.use_bf16 = device.type == "cuda"
 
-    def step(self) -> list[float]:
-        """One optimiser step on a random batch; returns ``[kd, feature, retention, loss]``."""
+    def step(self) -> dict[str, float]:
+        """One optimiser step on a random batch; returns every named loss value
+        (:data:`~strategies.distill.LOSS_NAMES`)."""
         s, t = self.settings, self.train_t
         idx = torch.randint(len(self.x_train), (min(s.batch_size, len(self.x_train)),),
                             generator=self.generator)
@@ -205,21 +205,17 @@ class DistillJob:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
             _, logits, projected = self.module(xb)
         idx_d = idx.to(self.device)
-        weights = self.weights[:, idx_d]
-        kd = sum((weights[i] * kd_per_sample(logits[d], t["probs"][d][idx_d], s.temperature,
-                                             self.tasks[d])).mean()
-                 for i, d in enumerate(self.taught))
-        feat = sum(feature_matching(projected[d], t["feats"][d][idx_d]).mean()
-                   for d in self.taught) / len(self.taught)
-        keep = (sum(kd_per_sample(logits[d], t["previous"][d][idx_d], s.temperature,
-                                  self.tasks[d]).mean() for d in self.retained)
-                / len(self.retained) if self.retained else torch.zeros((), device=self.device))
-        loss = kd + s.beta * feat + s.gamma * keep
+        terms = distillation_loss(
+            logits, projected,
+            teacher_probs={d: t["probs"][d][idx_d] for d in self.taught},
+            teacher_features={d: t["feats"][d][idx_d] for d in self.taught},
+            previous_probs={d: t["previous"][d][idx_d] for d in self.retained},
+            weights=self.weights[:, idx_d], tasks=self.tasks, settings=s)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        terms["loss"].backward()
         self.optimizer.step()
         self.scheduler.step()
-        return [float(v.detach()) for v in (kd, feat, keep, loss)]
+        return {name: float(value.detach()) for name, value in terms.items()}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -251,7 +247,8 @@ class DistillJob:
         row and, when the student improved or training stops, the best student so far
         with the curve (key ``_curve``); returns the curve."""
         s = self.settings
-        best, since_best, losses = -1.0, 0, []
+        best, since_best = -1.0, 0
+        losses: list[dict[str, float]] = []
         best_state: dict[str, torch.Tensor] | None = None
         curve: list[dict[str, float]] = []
         started = time.perf_counter()
@@ -260,7 +257,7 @@ class DistillJob:
             if step % s.eval_every and step != s.steps:
                 continue
             scores = self.evaluate()
-            kd_m, feat_m, keep_m, loss_m = np.mean(losses, axis=0)
+            means = {name: float(np.mean([row[name] for row in losses])) for name in LOSS_NAMES}
             losses = []
             improved = scores["agreement"] > best
             if improved:
@@ -268,8 +265,7 @@ class DistillJob:
             else:
                 since_best += 1
             stop = since_best >= s.patience or step == s.steps
-            row = {"step": float(step), "loss": float(loss_m), "kd": float(kd_m),
-                   "feature": float(feat_m), "retention": float(keep_m),
+            row = {"step": float(step), **means,
                    "best_agreement": best, "elapsed_s": time.perf_counter() - started,
                    **scores}
             curve.append(row)
@@ -314,20 +310,24 @@ class RayTrainDistiller(DistillService):
         Data settings: the server's unlabelled pool (and its optional subsample).
     storage_path
         Where Ray Train writes the checkpoints (``<run dir>/train``).
+    scaling
+        How each job is spread over Train workers (``distill.num_workers`` ...).
     callbacks
         Makes the Ray Train callbacks of each request (e.g. Tune's ``TuneReportCallback``,
         so a Tune scheduler sees the distillation's intermediate results).
     """
 
-    def __init__(self, model: ModelConfig, data: DataConfig, storage_path: str,
+    def __init__(self, model: ModelConfig, data: DataConfig, storage_path: str, *,
+                 scaling: TrainScaling | None = None,
                  callbacks: Callable[[DistillRequest], list[Any]] | None = None) -> None:
         self.model = model
         self.data = data
         self.storage_path = storage_path
+        self.scaling = scaling or TrainScaling()
         self.callbacks = callbacks
 
     def distil(self, request: DistillRequest) -> DistillResult:
-        s = request.settings
+        s = self.scaling
         if not request.teachers:
             raise ValueError("distillation needs at least one teacher")
         result = fit_trainer(distill_loop, {"request": request, "model": self.model,

@@ -20,12 +20,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.config import DataConfig, ModelConfig, PretrainConfig
+from engine.config import DataConfig, ModelConfig, PretrainConfig, TrainScaling, to_dict
 from engine.data.shards import read_shard
 from engine.data.unify import UNIFIED_CHANNELS, UNIFIED_SIZE
 from engine.records.storage import write_atomic
 from engine.train.launch import fit_trainer, load_checkpoint_state, report, unwrap
-from strategies.distill import TrainScaling
+from strategies.state import encoder_key
 
 logger = logging.getLogger(__name__)
 CURVE_KEY = "_curve"
@@ -60,7 +60,7 @@ def mae_to_encoder(state: dict[str, torch.Tensor], num_layers: int) -> dict[str,
             key = "norm." + key.split(".", 2)[2]
         elif not key.startswith(("patch_embedding.", "blocks.")):
             continue
-        out[f"encoder.vit.{key}"] = value.detach().clone()
+        out[encoder_key(f"vit.{key}")] = value.detach().clone()
     return out
 
 
@@ -138,10 +138,13 @@ def mim_loop(config: dict[str, Any]) -> None:
 def base_fingerprint(model: ModelConfig, pretrain: PretrainConfig, pool_path: Path,
                      pool_size: int | None, seed: int) -> str:
     """Identity of a base: its settings without how the job is spread over workers
-    (:class:`~strategies.distill.TrainScaling`), so one base serves every cluster shape."""
+    (:class:`~engine.config.TrainScaling`), so one base serves every cluster shape."""
     scaling = {f.name for f in fields(TrainScaling)}
     settings = {k: v for k, v in asdict(pretrain).items() if k not in scaling}
-    payload = json.dumps([asdict(model), settings, pool_path.parent.name, pool_size, seed],
+    network = to_dict(model)
+    if not network["options"]:  # bases made before encoders took options keep their identity
+        del network["options"]
+    payload = json.dumps([network, settings, pool_path.parent.name, pool_size, seed],
                          sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 

@@ -81,14 +81,28 @@ def tune_space(space: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def check_keys(space: Mapping[str, Any], root: type) -> None:
-    """Every key of ``space`` must name a leaf of the config dataclass ``root``."""
+def check_keys(space: Mapping[str, Any], root: type,
+               base: Mapping[str, Any] | None = None) -> None:
+    """Every key of ``space`` must name a leaf of the config dataclass ``root``.
+
+    A section whose keys depend on its content (``keys_for``, e.g. ``strategy``, whose keys
+    are those of the named strategy's options) is checked against ``base``, the trial base
+    experiment as plain data.
+    """
     import dataclasses
     from typing import get_type_hints
 
     for key in space:
         node: Any = root
-        for part in key.split("."):
+        data: Any = base or {}
+        parts = key.split(".")
+        for i, part in enumerate(parts):
+            if hasattr(node, "keys_for"):
+                valid = node.keys_for(data if isinstance(data, Mapping) else {})
+                if ".".join(parts[i:]) not in valid:
+                    raise ConfigError(f"space.{key}: unknown config key {part!r}; valid: "
+                                      f"{valid}")
+                break
             if not dataclasses.is_dataclass(node):
                 raise ConfigError(f"space.{key}: {part!r} is below a leaf value")
             hints = get_type_hints(node)
@@ -96,8 +110,10 @@ def check_keys(space: Mapping[str, Any], root: type) -> None:
                 raise ConfigError(f"space.{key}: unknown config key {part!r}; valid: "
                                   f"{sorted(hints)}")
             node = hints[part]
-        if dataclasses.is_dataclass(node):
-            raise ConfigError(f"space.{key}: names a whole section, not a value")
+            data = data.get(part, {}) if isinstance(data, Mapping) else {}
+        else:
+            if dataclasses.is_dataclass(node):
+                raise ConfigError(f"space.{key}: names a whole section, not a value")
 
 
 def optuna_distributions(space: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:

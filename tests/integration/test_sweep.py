@@ -19,7 +19,7 @@ import yaml
 
 from engine.config import load_config
 from engine.run.study import run
-from engine.tune.sweep import sweep
+from engine.tune import sweep
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_local")]
 REPO = Path(__file__).resolve().parents[2]

@@ -23,7 +23,7 @@ def test_defaults_and_overrides(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("override", "message"), [
     ("clients.num_gpu=1", r"unknown config key\(s\) \['clients.num_gpu'\]"),
     ("colour=red", r"unknown config key\(s\) \['colour'\]"),
-    ("model.arch=vgg", "'vgg' is not one of"),
+    ("model.arch=vgg", r"model.arch: unknown encoder 'vgg'; registered: \['resnet18', 'vit'\]"),
     ("train.batch_size=big", "train.batch_size: expected an integer"),
     ("train.local_epochs=0", "local_epochs"),
     ("clients.min_fit_fraction=0", "min_fit_fraction"),
@@ -72,9 +72,7 @@ def test_from_dict_int_is_accepted_for_float() -> None:
     ({"evaluation": {"baselines": ["fedavg", "universal"]}}, True),
 ])
 def test_dashboard_only_where_ray_train_runs(overrides: dict, expected: bool) -> None:
-    from engine.cluster.connect import uses_ray_train
-
     cfg = from_dict(ExperimentConfig, {"strategy": {"name": "fedavg"}, **overrides})
-    assert uses_ray_train(cfg) is expected
+    assert cfg.runs_train_jobs is expected
     assert load_config(None, ["run.dashboard=false"]).run.dashboard is False
     assert load_config(None).run.dashboard is None

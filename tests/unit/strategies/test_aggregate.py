@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from strategies.aggregate import nonfinite_keys, select, weighted_average
+from strategies.aggregate import nonfinite_keys, weighted_average
+from strategies.state import select
 
 
 def test_weighted_average_matches_hand_computation() -> None:

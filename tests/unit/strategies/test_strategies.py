@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from strategies import FitRes, create_strategy
-from strategies.centralised import POOLED_CID
-from strategies.types import ClientInfo
+from strategies.types import POOLED_CID, ClientInfo
 
 
 def _info(cid: str, domain: str, n: int) -> ClientInfo:
@@ -67,11 +66,14 @@ def test_fedavg_averages_a_head_among_its_domains_clients() -> None:
 
 
 def test_fedprox_sends_mu() -> None:
-    s = create_strategy("fedprox", {"proximal_mu": 0.1, "rounds": 3})
+    s = create_strategy("fedprox", {"proximal_mu": 0.1})
     s.initialize(CLIENTS, ENCODER)
     assert s.configure_fit(1, ["a"])["a"].config == {"proximal_mu": 0.1}
-    with pytest.raises(ValueError, match="needs option"):
-        create_strategy("fedprox", {})
+    assert create_strategy("fedprox").proximal_mu == 0.01  # its Options' default
+    with pytest.raises(ValueError, match="rounds"):  # not an option of FedProx
+        create_strategy("fedprox", {"proximal_mu": 0.1, "rounds": 3})
+    with pytest.raises(ValueError, match="proximal_mu must be >= 0"):
+        create_strategy("fedprox", {"proximal_mu": -1.0})
 
 
 def test_local_only_never_mixes_clients() -> None:

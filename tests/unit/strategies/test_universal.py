@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from strategies import FitRes, create_strategy
+from strategies import FitRes, StrategyContext, create_strategy
 from strategies.distill import DistillRequest, DistillResult, DistillService, DistillSettings
 from strategies.types import ClientInfo
 from strategies.universal import plan_stages
@@ -39,8 +39,8 @@ class RecordingDistiller(DistillService):
 def _strategy(rounds_per_stage: int = 1):
     s = create_strategy("universal", {"stages": (), "num_stages": 2,
                                       "rounds_per_stage": rounds_per_stage, "local_epochs": 3,
-                                      "select_on_val": True, "distill": DistillSettings(),
-                                      "seed": 0})
+                                      "select_on_val": True},
+                        StrategyContext(seed=0, distill=DistillSettings()))
     clients = [ClientInfo(cid=d, domains=(d,), tasks={d: "binary"}, num_classes={d: 2},
                           num_train=10 * (i + 1)) for i, d in enumerate(DOMAINS)]
     s.initialize(clients, {"encoder.w": torch.zeros(2)})

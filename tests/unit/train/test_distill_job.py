@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from engine.config import ModelConfig
 from engine.nn.models import build_model
 from engine.train.distill import DistillJob, _targets
-from strategies.distill import DistillRequest, DistillSettings, Teacher
+from strategies.distill import (
+    LOSS_NAMES,
+    LOSS_TERMS,
+    DistillRequest,
+    DistillSettings,
+    Teacher,
+    term_weights,
+)
+from strategies.state import encoder_of
 
 TINY = ModelConfig(arch="vit", hidden_size=32, mlp_dim=64, num_layers=1, num_heads=2)
 
@@ -23,7 +32,7 @@ def test_targets_of_each_slice_match_a_direct_computation() -> None:
     torch.manual_seed(0)
     pool = torch.randn(50, 3, 28, 28)
     teachers = [_teacher("breast", 1), _teacher("pneumonia", 2)]
-    student = {k: v for k, v in teachers[0].state.items() if k.startswith("encoder.")}
+    student = encoder_of(teachers[0].state)
     request = DistillRequest(student=student, teachers=teachers, previous={},
                              heads={t.domain: (t.task, 2) for t in teachers},
                              settings=DistillSettings(steps=2, batch_size=8, eval_every=1,
@@ -36,4 +45,7 @@ def test_targets_of_each_slice_match_a_direct_computation() -> None:
             for domain in ("breast", "pneumonia"):
                 torch.testing.assert_close(part[name][domain], direct[name][domain])
     losses = job.step()
-    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    assert list(losses) == list(LOSS_NAMES)
+    assert all(torch.isfinite(torch.tensor(list(losses.values()))))
+    weights = term_weights(request.settings)
+    assert losses["loss"] == pytest.approx(sum(weights[n] * losses[n] for n in LOSS_TERMS))

@@ -6,8 +6,9 @@ import pytest
 
 from engine.cluster.resources import ResourceError
 from engine.config.loader import ConfigError
+from engine.cluster.resources import concurrent_trials, trial_resources
+from engine.tune.schema import load_sweep, trial_config
 from engine.tune.space import tune_space
-from engine.tune.sweep import concurrent_trials, load_sweep, trial_config, trial_resources
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -104,16 +105,34 @@ def test_unknown_sweep_key(tmp_path: Path) -> None:
 
 def test_planned_rounds_follow_the_strategys_stage_plan() -> None:
     from engine.config import ExperimentConfig, from_dict
-    from engine.tune.sweep import planned_rounds
 
     domains = ["breast", "pneumonia", "retina"]
     explicit = from_dict(ExperimentConfig, {
         "data": {"domains": domains},
         "strategy": {"name": "universal", "stages": [["breast"], ["pneumonia"], ["retina"]],
                      "num_stages": 2, "rounds_per_stage": 2}})
-    assert planned_rounds(explicit) == 6  # three explicit stages, not num_stages=2
+    assert explicit.planned_rounds() == 6  # three explicit stages, not num_stages=2
     chunks = from_dict(ExperimentConfig, {"data": {"domains": domains},
                                           "strategy": {"name": "universal", "num_stages": 2}})
-    assert planned_rounds(chunks) == 2
+    assert chunks.planned_rounds() == 2
     fedavg = from_dict(ExperimentConfig, {"strategy": {"name": "fedavg", "rounds": 4}})
-    assert planned_rounds(fedavg) == 4
+    assert fedavg.planned_rounds() == 4
+
+
+def test_concurrency_is_counted_node_by_node() -> None:
+    from engine.config import load_config
+
+    # 4 actors of 1 CPU + a 1-CPU distillation worker: 5 CPUs per trial
+    cfg = load_config(None, ["strategy.name=universal", "data.domains=[breast,pneumonia,"
+                             "retina,pathology]", "clients.num_actors=4"])
+    assert trial_resources(cfg) == (5.0, 0.0)
+    assert concurrent_trials(cfg, [{"CPU": 10.0}]) == 2
+    # ten CPUs in all, but no node holds an actor of 3 CPUs next to another
+    big = load_config(None, ["clients.num_cpus=3", "data.domains=[breast,pneumonia]"])
+    assert concurrent_trials(big, [{"CPU": 6.0}]) == 1
+    with pytest.raises(ResourceError, match="cannot place"):
+        concurrent_trials(big, [{"CPU": 2.0}] * 5)
+    # fractional GPUs never span two devices: 0.6 + 0.6 needs two GPUs
+    gpu = load_config(None, ["clients.num_gpus=0.6", "data.domains=[breast,pneumonia]"])
+    assert concurrent_trials(gpu, [{"CPU": 16.0, "GPU": 2.0}]) == 1
+    assert concurrent_trials(gpu, [{"CPU": 16.0, "GPU": 4.0}]) == 2

@@ -1,0 +1,154 @@
+"""The sweep's driver: builds the ``Tuner`` (Optuna search, ASHA or FIFO) and runs it.
+
+Each trial is :func:`engine.tune.trial.run_trial`; no Trainer object is ever handed to the
+``Tuner``. The Optuna study lives in the searcher, which Tune checkpoints with its
+experiment state (``tune/``), so ``umim sweep --resume DIR`` continues without re-running
+finished trials. The outputs are written by :func:`engine.tune.outputs.write_outputs`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from engine.config import ExperimentConfig, from_dict, to_dict
+from engine.config.loader import ConfigError
+from engine.tune.names import METRIC, TIME_ATTR
+from engine.tune.outputs import write_outputs
+from engine.cluster.resources import concurrent_trials
+from engine.tune.schema import SweepConfig, get_dotted, load_sweep
+from engine.tune.space import tune_space
+from engine.tune.trial import run_trial
+
+logger = logging.getLogger(__name__)
+
+
+def _sweep_dir(sweep: SweepConfig, out: str | os.PathLike[str] | None) -> Path:
+    return Path(out) if out is not None else Path(sweep.storage_path) / sweep.name
+
+
+def _trial_name(trial: Any) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def _tuner(sweep: SweepConfig, base: Mapping[str, Any], folder: Path, *,
+           restore: bool) -> Any:
+    """A new ``tune.Tuner`` for the sweep, or (``restore``) the one saved under ``folder``.
+
+    Parameters
+    ----------
+    sweep
+        The sweep.
+    base
+        The trial base config as plain data.
+    folder
+        The sweep directory; Tune's experiment goes to ``folder/tune/<name>``.
+    restore
+        Continue the saved experiment: finished trials are kept, errored ones are not rerun.
+    """
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from engine.cluster.connect import alive_nodes
+
+    cfg = from_dict(ExperimentConfig, base)
+    concurrent = sweep.search.max_concurrent_trials or concurrent_trials(cfg, alive_nodes())
+    # The trial itself mostly waits on its actors and Train workers: it takes no CPU slot
+    # (a bundle must not be empty, so it asks for a sliver of memory instead).
+    trainable = tune.with_resources(run_trial, {"memory": 64 * 1024**2})
+    if restore:
+        logger.info("resuming the sweep in %s", folder)
+        return tune.Tuner.restore(str(folder / "tune" / sweep.name), trainable,
+                                  resume_unfinished=True, resume_errored=False)
+    # The study lives in the searcher, which Tune checkpoints with the experiment state, so
+    # both always agree on which trials finished; write_outputs exports the trials to optuna.db.
+    default = {k: get_dotted(base, k) for k in sweep.space}
+    points = ([default] if sweep.search.include_default else []) + [
+        {**default, **p} for p in sweep.search.points_to_evaluate]
+    searcher = OptunaSearch(metric=METRIC, mode="max", seed=sweep.search.seed,
+                            study_name=sweep.name, points_to_evaluate=points or None)
+    rounds = cfg.planned_rounds()
+    scheduler = (ASHAScheduler(time_attr=TIME_ATTR, metric=METRIC, mode="max",
+                               max_t=max(rounds, 1), grace_period=sweep.search.grace_period,
+                               reduction_factor=sweep.search.reduction_factor,
+                               stop_last_trials=False)
+                 if sweep.search.scheduler == "asha" else FIFOScheduler())
+    param_space = {**tune_space(sweep.space),
+                   "__sweep": {"base": dict(base), "dir": str(folder)}}
+    logger.info("sweep %s: %d trials, %d at once", sweep.name, sweep.search.num_samples,
+                concurrent)
+    return tune.Tuner(
+        trainable, param_space=param_space,
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
+                                    num_samples=sweep.search.num_samples,
+                                    max_concurrent_trials=concurrent,
+                                    # a fresh process per trial, so a stopped trial's client
+                                    # actors and Train workers die with it
+                                    reuse_actors=False,
+                                    trial_name_creator=_trial_name,
+                                    trial_dirname_creator=_trial_name),
+        run_config=tune.RunConfig(name=sweep.name, storage_path=str(folder / "tune"),
+                                  failure_config=tune.FailureConfig(max_failures=0,
+                                                                    fail_fast=False),
+                                  verbose=1))
+
+
+def sweep(sweep_file: str | os.PathLike[str] | None = None, overrides: Sequence[str] = (),
+          *, out: str | os.PathLike[str] | None = None,
+          resume: str | os.PathLike[str] | None = None,
+          data_root: str | None = None) -> dict[str, Any]:
+    """Run (or resume) a sweep and write its outputs.
+
+    Parameters
+    ----------
+    sweep_file
+        The sweep YAML (e.g. ``experiments/sweeps/universal.yaml``); not needed to resume.
+    overrides
+        Dotted overrides of the sweep file (``search.num_samples=8``,
+        ``overrides.distill.steps=100``).
+    out
+        Sweep directory (default ``<storage_path>/<name>``).
+    resume
+        A sweep directory to continue: finished trials are kept, the rest run.
+    data_root
+        Overrides the experiment's ``data.data_root``.
+
+    Returns
+    -------
+    dict
+        The summary: best trial, its parameters and objective, counts by state.
+    """
+    from engine.cluster.connect import connect
+
+    if resume is not None:
+        folder = Path(resume).resolve()
+        saved = yaml.safe_load((folder / "sweep.yaml").read_text())
+        sweep_cfg = from_dict(SweepConfig, saved["sweep"])
+        base = saved["base"]
+    else:
+        if sweep_file is None:
+            raise ConfigError("give a sweep file or --resume DIR")
+        sweep_cfg, base = load_sweep(sweep_file, overrides)
+        from engine.run.session import resolve_paths
+
+        resolved = resolve_paths(from_dict(ExperimentConfig, base), data_root)
+        base = to_dict(resolved)
+        folder = _sweep_dir(sweep_cfg, out).resolve()
+        if (folder / "sweep.yaml").exists():
+            raise ConfigError(f"{folder} already holds a sweep; use --resume {folder}")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "sweep.yaml").write_text(yaml.safe_dump(
+            {"sweep": to_dict(sweep_cfg), "base": base}, sort_keys=False))
+    # Save Tune's experiment state (and the searcher's study) at least every second, so a
+    # trial that finished before a crash is known as finished when the sweep resumes.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    connect(from_dict(ExperimentConfig, base).run.address)
+    tuner = _tuner(sweep_cfg, base, folder, restore=resume is not None)
+    grid = tuner.fit()
+    return write_outputs(folder, sweep_cfg, base, grid)

@@ -1,51 +1,288 @@
-"""The ``umim`` command line."""
+"""The ``umim`` command line.
+
+Every failure is one line on stderr and a non-zero exit status, never a Python traceback
+(``umim -v ...`` prints the traceback too): a bad config, data, resource or run error and a
+file-system error exit with 2, an interrupt with 130 (and says how to resume), anything
+unexpected with 1.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import inspect
 import json
 import logging
+import os
+import shlex
 import sys
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from engine.data import (
-    DataError,
-    ShardBuilder,
-    domain_catalog,
-    resolve_cache_dir,
-    resolve_data_root,
-    summarise_domains,
-)
+from engine import __version__
+
+if TYPE_CHECKING:
+    from engine.config import ExperimentConfig
 
 logger = logging.getLogger(__name__)
 
+EXIT_UNEXPECTED = 1
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
 
+# engine options a function may not take yet, and the environment variable the engine reads
+# instead (``engine.cluster.connect`` reads $RAY_ADDRESS, ``engine.data.root`` $UMIM_CACHE_DIR)
+_ENV_FALLBACK = {"address": "RAY_ADDRESS", "cache_dir": "UMIM_CACHE_DIR"}
+
+
+class UsageError(Exception):
+    """A command was used wrongly (a missing folder, flags that do not go together)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (``umim run: error: ...``)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (see {self.prog} -h)\n")
+
+
+# -- small helpers ----------------------------------------------------------------------------
+def _err(line: str) -> None:
+    """Write one line to stderr."""
+    sys.stderr.write(line.rstrip("\n") + "\n")
+    sys.stderr.flush()
+
+
+def _one_line(text: str) -> str:
+    """``text`` on one line; of an embedded traceback (a Ray task's error) keep the first
+    line and the final exception."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    if not lines:
+        return ""
+    if any(line.startswith("Traceback (most recent call last)") for line in lines):
+        return lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
+    return " ".join(lines)
+
+
+def _os_message(err: OSError) -> str:
+    """An OS error with its path: ``No such file or directory: /x``."""
+    if err.filename is not None:
+        message = f"{err.strerror or type(err).__name__}: {err.filename}"
+        if err.filename2 is not None:
+            message += f" -> {err.filename2}"
+        return message
+    return _one_line(str(err)) or type(err).__name__
+
+
+def _exists(folder: str, rel: str | None = None) -> tuple[bool, bool]:
+    """(whether ``folder`` is an existing directory, whether it holds file ``rel``), for a
+    local path or a pyarrow URI; creates nothing."""
+    if "://" not in folder:
+        path = Path(folder).expanduser()
+        return path.is_dir(), bool(rel) and (path / rel).is_file()
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(folder)
+    is_dir = fs.get_file_info(root).type == pafs.FileType.Directory
+    has = bool(rel) and is_dir and (fs.get_file_info(f"{root.rstrip('/')}/{rel}").type
+                                    == pafs.FileType.File)
+    return is_dir, has
+
+
+def _require_run_dir(folder: str, marker: str = "config.yaml",
+                     what: str = "a umim run directory") -> None:
+    """Raise :class:`UsageError` unless ``folder`` is a directory holding ``marker``; creates
+    nothing."""
+    if "://" not in folder:
+        path = Path(folder).expanduser()
+        if not path.exists():
+            raise UsageError(f"{folder} does not exist")
+        if not path.is_dir():
+            raise UsageError(f"{folder} is not a directory")
+    is_dir, has = _exists(folder, marker)
+    if not is_dir:
+        raise UsageError(f"{folder} does not exist or is not a directory")
+    if not has:
+        raise UsageError(f"{folder} holds no {marker}: not {what}")
+
+
+@contextlib.contextmanager
+def _environ(values: Mapping[str, str]) -> Iterator[None]:
+    """Set environment variables for the block, then restore them."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _call(fn: Callable[..., Any], *args: Any, env: Sequence[str] = (),
+          drop: Sequence[str] = (), **options: Any) -> Any:
+    """Call an engine function with the options the user gave (``None``: not given).
+
+    An option that ``fn`` does not take (yet) is, if named in ``env``, handed over as the
+    environment variable the engine reads instead (``address``: ``$RAY_ADDRESS``,
+    ``cache_dir``: ``$UMIM_CACHE_DIR``); if named in ``drop``, left out (the config holds it
+    already); ``quiet`` becomes warnings-only logging; any other is a :class:`UsageError`.
+    """
+    params = inspect.signature(fn).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    passed: dict[str, Any] = {}
+    environ: dict[str, str] = {}
+    for key, value in options.items():
+        if value is None:
+            continue
+        if takes_any or key in params:
+            passed[key] = value
+        elif key in env:
+            environ[_ENV_FALLBACK[key]] = str(value)
+        elif key in drop:
+            continue
+        elif key == "quiet":
+            if value:
+                logging.getLogger().setLevel(logging.WARNING)
+        else:
+            raise UsageError(f"--{key.replace('_', '-')} is not supported by "
+                             f"{fn.__module__}.{fn.__qualname__}() in this version")
+    with _environ(environ):
+        return fn(*args, **passed)
+
+
+# -- shared flags ---------------------------------------------------------------------------
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-root", default=None,
-                        help="folder with medmnist/*.npz and mednist/ (else $UMIM_DATA_ROOT, "
-                             "else ~/.cache/umim/data)")
-    parser.add_argument("--cache-dir", default=None,
-                        help="folder for derived shards (else $UMIM_CACHE_DIR, else "
-                             "~/.cache/umim/cache)")
+    parser.add_argument("--data-root", default=None, metavar="DIR",
+                        help="folder with medmnist/*.npz and mednist/ (overrides "
+                             "data.data_root; else $UMIM_DATA_ROOT, else ~/.cache/umim/data)")
+    parser.add_argument("--cache-dir", default=None, metavar="DIR",
+                        help="folder for derived shards and MIM bases (overrides "
+                             "data.cache_dir; else $UMIM_CACHE_DIR, else ~/.cache/umim/cache)")
+
+
+def _add_address(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster to join (sets run.address; else $RAY_ADDRESS, else "
+                             "a local Ray)")
+
+
+def _add_quiet(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quiet", action="store_true", help="no progress display")
+
+
+def _add_experiment(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="experiment YAML, e.g. experiments/quickstart.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted overrides, e.g. strategy.rounds=3")
+
+
+# -- config and plan ------------------------------------------------------------------------
+def _experiment(args: argparse.Namespace) -> ExperimentConfig:
+    """The config of ``run`` / ``config show`` as the run would save it: overrides applied,
+    data root and cache folder resolved, ``--address`` in ``run.address``."""
+    from engine.config import load_config
+    from engine.data import resolve_cache_dir, resolve_data_root
+
+    cfg = load_config(args.config, args.overrides)
+    data = dataclasses.replace(
+        cfg.data, data_root=str(resolve_data_root(args.data_root or cfg.data.data_root)),
+        cache_dir=str(resolve_cache_dir(args.cache_dir or cfg.data.cache_dir)))
+    run = dataclasses.replace(cfg.run, address=args.address) if args.address else cfg.run
+    return dataclasses.replace(cfg, data=data, run=run)
+
+
+def _show(cfg: ExperimentConfig, *, as_json: bool, run_dir: str | None = None) -> None:
+    """Print the resolved config as YAML and its placement plan as YAML comments (so the
+    whole output is a config that replays the run), or both as one JSON document."""
+    import yaml
+
+    from engine.config import to_dict
+    from engine.run.plan import format_plan, placement_plan
+
+    plan = placement_plan(cfg)
+    if as_json:
+        print(json.dumps({"config": to_dict(cfg), "plan": plan}, indent=2, default=str))
+        return
+    print("# resolved config")
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
+    print("#")
+    for line in format_plan(plan).splitlines():
+        print(f"# {line}")
+    if run_dir is not None:
+        print(f"# run directory: {run_dir} (a dry run starts and writes nothing)")
+
+
+def _cmd_config_show(args: argparse.Namespace) -> int:
+    _show(_experiment(args), as_json=args.json)
+    return 0
+
+
+# -- data -----------------------------------------------------------------------------------
+def _data_settings(args: argparse.Namespace, overrides: Sequence[str]
+                   ) -> tuple[dict[str, Any], Path, Path, ExperimentConfig | None, Any]:
+    """The catalog, data root, cache folder, experiment (``None`` without ``--config`` and
+    overrides) and MedNIST split settings that a ``data`` command works with."""
+    from engine.data import (
+        MedNISTSplitSettings,
+        domain_catalog,
+        resolve_cache_dir,
+        resolve_data_root,
+    )
+
+    cfg = None
+    if args.config is not None or overrides:
+        from engine.config import load_config
+
+        cfg = load_config(args.config, overrides)
+    catalog = cfg.data.catalog() if cfg is not None else domain_catalog()
+    data_root = resolve_data_root(args.data_root or (cfg.data.data_root if cfg else None))
+    cache_dir = resolve_cache_dir(args.cache_dir or (cfg.data.cache_dir if cfg else None))
+    mednist = MedNISTSplitSettings(seed=cfg.data.mednist_seed if cfg else 0)
+    return catalog, data_root, cache_dir, cfg, mednist
 
 
 def _cmd_data_list(args: argparse.Namespace) -> int:
-    summary = summarise_domains(domain_catalog(), resolve_data_root(args.data_root))
+    from engine.data import summarise_domains
+
+    catalog, data_root, _, cfg, mednist = _data_settings(args, args.overrides)
+    summary = summarise_domains(catalog, data_root, mednist=mednist)
     rows = summary.domains
+    used = set(cfg.data.domains) if cfg is not None else None
     if args.json:
-        print(json.dumps({r.spec.name: r.to_dict() for r in rows}, indent=2))
+        out = {}
+        for r in rows:
+            out[r.spec.name] = r.to_dict()
+            if used is not None:
+                out[r.spec.name]["in_experiment"] = r.spec.name in used
+        print(json.dumps(out, indent=2))
         return 0 if summary.ok else 1
-    table = Table(title=f"umim domains (data root: {resolve_data_root(args.data_root)})")
-    for col in ("domain", "source", "modality", "task", "classes", "train", "val", "test"):
+    title = f"umim domains (data root: {data_root})"
+    if cfg is not None:
+        title += f", experiment {cfg.name!r}"
+    table = Table(title=escape(title))
+    columns = ["domain", "source", "modality", "task", "classes", "train", "val", "test"]
+    if used is not None:
+        columns.append("in experiment")
+    for col in columns:
         table.add_column(col, no_wrap=True, justify="right"
                          if col in ("classes", "train", "val", "test") else "left")
     for r in rows:
         counts = [str(r.counts[s]) if s in r.counts else "-" for s in ("train", "val", "test")]
-        table.add_row(r.spec.name, r.spec.source_name, r.spec.modality, r.spec.task,
-                      str(r.spec.num_classes), *counts)
+        cells = [r.spec.name, r.spec.source_name, r.spec.modality, r.spec.task,
+                 str(r.spec.num_classes), *counts]
+        if used is not None:
+            cells.append("yes" if r.spec.name in used else "")
+        table.add_row(*map(escape, map(str, cells)))
     console = Console(width=max(Console().width, 120))
     console.print(table)
     pool = "unknown (MedNIST missing)" if summary.pool_size is None else \
@@ -53,50 +290,63 @@ def _cmd_data_list(args: argparse.Namespace) -> int:
     console.print(f"server pool (unlabelled MedNIST half): {pool}")
     for r in rows:
         if r.problem:
-            console.print(f"[red]{r.spec.name}[/red]: {r.problem}")
+            console.print(f"[red]{escape(r.spec.name)}[/red]: {escape(r.problem)}",
+                          soft_wrap=True)
     return 0 if summary.ok else 1
 
 
 def _cmd_data_prepare(args: argparse.Namespace) -> int:
-    catalog = domain_catalog()
-    names = args.domains or list(catalog)
-    builder = ShardBuilder(catalog, resolve_data_root(args.data_root),
-                           resolve_cache_dir(args.cache_dir), download=not args.offline)
+    from engine.data import ShardBuilder
+
+    overrides = [item for item in args.items if "=" in item]
+    names = [item for item in args.items if "=" not in item]
+    catalog, data_root, cache_dir, cfg, mednist = _data_settings(args, overrides)
+    if not names:
+        names = list(cfg.data.domains) if cfg is not None else list(catalog)
+    download = not args.offline and (cfg.data.download if cfg is not None else True)
+    builder = ShardBuilder(catalog, data_root, cache_dir, mednist=mednist, download=download)
     console = Console()
     for name, paths in builder.domains(names).items():
-        console.print(f"{name}: {paths['train'].parent}")
-    console.print(f"server pool: {builder.pool()}")
+        console.print(escape(f"{name}: {paths['train'].parent}"), soft_wrap=True)
+    console.print(escape(f"server pool: {builder.pool()}"), soft_wrap=True)
     return 0
 
 
+# -- runs -----------------------------------------------------------------------------------
 def _cmd_run(args: argparse.Namespace) -> int:
-    from engine.config import load_config
+    cfg = _experiment(args)
+    if args.dry_run:
+        run_dir = args.out or f"{cfg.run.storage_path.rstrip('/')}/{cfg.name}-<timestamp>"
+        _show(cfg, as_json=False, run_dir=run_dir)
+        return 0
     from engine.run.study import run
 
-    overrides = list(args.overrides)
-    if args.address:
-        overrides.append(f"run.address={args.address}")
-    cfg = load_config(args.config, overrides)
-    result = run(cfg, out=args.out, data_root=args.data_root, quiet=args.quiet)
+    result = _call(run, cfg, out=args.out, data_root=args.data_root, cache_dir=args.cache_dir,
+                   quiet=args.quiet, drop=("cache_dir",))
     _print_summary(result.run_dir, result.summary)
     return 0
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
+    _require_run_dir(args.run_dir)  # before the engine, which would create a missing folder
     from engine.run.study import resume
 
-    result = resume(args.run_dir, quiet=args.quiet)
+    result = _call(resume, args.run_dir, data_root=args.data_root, cache_dir=args.cache_dir,
+                   address=args.address, quiet=args.quiet, env=("address",))
     _print_summary(result.run_dir, result.summary)
     return 0
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
+    if args.resume is None and args.sweep_file is None:
+        raise UsageError("give SWEEP.yaml or --resume DIR")
+    if args.resume is not None:
+        _require_run_dir(args.resume, "sweep.yaml", "a umim sweep directory")
     from engine.tune import sweep
 
-    if args.resume is None and args.sweep_file is None:
-        raise SystemExit("umim sweep: give SWEEP.yaml or --resume DIR")
-    summary = sweep(args.sweep_file, args.overrides, out=args.out, resume=args.resume,
-                    data_root=args.data_root)
+    summary = _call(sweep, args.sweep_file, args.overrides, out=args.out, resume=args.resume,
+                    data_root=args.data_root, cache_dir=args.cache_dir, address=args.address,
+                    quiet=args.quiet, env=("address", "cache_dir"))
     console = Console(width=max(Console().width, 100))
     console.print_json(json.dumps(summary, default=str))
     return 0
@@ -108,6 +358,8 @@ TINY_VIT = {"arch": "vit", "hidden_size": 32, "mlp_dim": 64, "num_layers": 1, "n
 def _cmd_bench(args: argparse.Namespace) -> int:
     from engine.bench.common import machine, print_table
 
+    where = {"data_root": args.data_root, "cache_dir": args.cache_dir, "address": args.address,
+             "env": ("address",)}
     if args.bench == "fedavg":
         from engine.bench.fedavg import METHODS, FedAvgWorkload, bench_fedavg
 
@@ -117,7 +369,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                                   actors=args.actors, cpus_per_actor=args.cpus_per_actor,
                                   gpus_per_actor=args.gpus_per_actor, arch=args.arch)
         methods = tuple(args.methods.split(",")) if args.methods else METHODS
-        out = bench_fedavg(workload, data_root=args.data_root, methods=methods)
+        out = _call(bench_fedavg, workload, methods=methods, **where)
         if args.json:
             print(json.dumps({**out, "machine": machine()}, indent=2, default=float))
             return 1 if out["accuracy_agrees"] is False else 0
@@ -137,10 +389,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.bench == "distill":
         from engine.bench.distill import bench_distill
 
-        out = bench_distill(steps=args.steps, batch_size=args.batch_size,
-                            workers=tuple(int(w) for w in args.workers.split(",")),
-                            pool_size=args.pool_size, data_root=args.data_root,
-                            model=TINY_VIT if args.tiny else None)
+        out = _call(bench_distill, steps=args.steps, batch_size=args.batch_size,
+                    workers=tuple(int(w) for w in args.workers.split(",")),
+                    pool_size=args.pool_size, model=TINY_VIT if args.tiny else None, **where)
         print_table("umim bench distill", out["rows"],
                     ["method", "workers", "wall_s", "train_s", "samples_per_s",
                      "throughput_vs_single"], args.json,
@@ -148,8 +399,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return 0
     from engine.bench.scale import bench_scale
 
-    out = bench_scale(clients=args.clients, actors=args.actors or 2, rounds=args.rounds,
-                      data_root=args.data_root)
+    out = _call(bench_scale, clients=args.clients, actors=args.actors or 2, rounds=args.rounds,
+                **where)
     print_table("umim bench scale", out["rows"],
                 ["clients", "actors", "clients_per_actor", "shards_s", "startup_s",
                  "seconds_per_round", "rounds_per_s", "peak_rss_gb"], args.json,
@@ -158,80 +409,156 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    _require_run_dir(args.run_dir)
     from engine.records.report import write_report
 
     print(write_report(args.run_dir))
     return 0
 
 
-def _cmd_strategies(args: argparse.Namespace) -> int:
+# -- strategies -----------------------------------------------------------------------------
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return "(required)"
+
+
+def strategy_rows() -> list[dict[str, Any]]:
+    """Every registered strategy: name, one-line doc, ``pooled``, ``distils`` and its
+    options with their defaults (``umim strategies``)."""
+    from engine.config import to_dict
     from strategies import STRATEGIES
 
+    rows = []
     for name, cls in sorted(STRATEGIES.items()):
-        doc = (cls.__doc__ or "").strip().splitlines()[0]
-        print(f"{name:<12} {doc}")
+        doc = ((cls.__doc__ or "").strip().splitlines() or [""])[0]
+        options = {f.name: to_dict(_default(f)) for f in dataclasses.fields(cls.Options)}
+        rows.append({"name": name, "doc": doc, "pooled": bool(cls.pooled),
+                     "distils": bool(cls.distils), "options": options})
+    return rows
+
+
+def _cmd_strategies(args: argparse.Namespace) -> int:
+    rows = strategy_rows()
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    table = Table(title="umim strategies (strategy.name; its options go beside it under "
+                        "strategy:)", show_lines=True)
+    for col in ("strategy", "pooled", "distils", "options (default)", "description"):
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        options = "\n".join(f"{k} = {json.dumps(v, default=str)}"
+                            for k, v in row["options"].items()) or "-"
+        table.add_row(row["name"], "yes" if row["pooled"] else "no",
+                      "yes" if row["distils"] else "no", escape(options), escape(row["doc"]))
+    console = Console(width=max(Console().width, 120))
+    console.print(table)
+    console.print("every strategy also takes the common keys strategy.name and strategy.rounds")
     return 0
 
 
 def _print_summary(run_dir: str, summary: dict) -> None:
     console = Console(width=max(Console().width, 100))
-    table = Table(title=f"{summary['name']} ({summary['strategy']}): test metrics")
+    table = Table(title=escape(f"{summary['name']} ({summary['strategy']}): test metrics"))
     for col in ("domain", "AUC", "ACC"):
         table.add_column(col, justify="left" if col == "domain" else "right")
     for domain, row in summary["domains"].items():
-        table.add_row(domain, f"{row['auc']:.3f}", f"{row['acc']:.3f}")
+        table.add_row(escape(domain), f"{row['auc']:.3f}", f"{row['acc']:.3f}")
     console.print(table)
-    console.print(f"mean test AUC {summary['mean_test_auc']:.3f}; run directory: {run_dir}")
+    console.print(escape(f"mean test AUC {summary['mean_test_auc']:.3f}; run directory: "
+                         f"{run_dir}"), soft_wrap=True)
     if summary.get("failures"):
         console.print(f"[yellow]{len(summary['failures'])} client failure(s) recorded[/yellow]")
 
 
+# -- the parser -----------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``umim`` (exposed for tests and docs)."""
-    parser = argparse.ArgumentParser(prog="umim", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    commands = parser.add_subparsers(dest="command", required=True)
+    verbose = _Parser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                         help="debug logging, and the traceback of an error")
+    parser = _Parser(prog="umim", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"umim {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, and the traceback of an error")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    data = commands.add_parser("data", help="inspect and prepare the datasets")
-    data_cmds = data.add_subparsers(dest="data_command", required=True)
-    listing = data_cmds.add_parser("list", help="table of the domains and their sample counts")
+    def command(parent: Any, name: str, help_text: str) -> argparse.ArgumentParser:
+        return parent.add_parser(name, help=help_text, description=help_text,
+                                 parents=[verbose])
+
+    data = command(commands, "data", "inspect and prepare the datasets")
+    data_cmds = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
+    listing = command(data_cmds, "list", "table of the domains and their sample counts")
+    listing.add_argument("overrides", nargs="*", metavar="key=value",
+                         help="overrides of --config, e.g. data.extra_domains=...")
+    listing.add_argument("--config", default=None, metavar="CONFIG",
+                         help="an experiment YAML: list its data.extra_domains too")
     _add_data_args(listing)
     listing.add_argument("--json", action="store_true", help="print JSON keyed by domain")
     listing.set_defaults(func=_cmd_data_list)
-    prepare = data_cmds.add_parser("prepare", help="build the client and pool shards once")
+    prepare = command(data_cmds, "prepare", "build the client and pool shards once")
+    prepare.add_argument("items", nargs="*", metavar="DOMAIN|key=value",
+                         help="domains to prepare (default: the experiment's with --config, "
+                              "else all) and overrides of --config")
+    prepare.add_argument("--config", default=None, metavar="CONFIG",
+                         help="an experiment YAML: its domains, extra domains and data "
+                              "settings")
     _add_data_args(prepare)
-    prepare.add_argument("domains", nargs="*", help="domains to prepare (default: all)")
     prepare.add_argument("--offline", action="store_true", help="never download")
     prepare.set_defaults(func=_cmd_data_prepare)
 
-    run = commands.add_parser("run", help="run an experiment config end to end")
-    run.add_argument("config", help="experiment YAML, e.g. experiments/quickstart.yaml")
-    run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. strategy.rounds=3")
-    run.add_argument("--data-root", default=None, help="overrides data.data_root")
-    run.add_argument("--out", default=None, help="run directory (local path or pyarrow URI)")
-    run.add_argument("--address", default=None, help="Ray cluster address (else $RAY_ADDRESS)")
-    run.add_argument("--quiet", action="store_true", help="no progress display")
+    config = command(commands, "config", "inspect experiment configs")
+    config_cmds = config.add_subparsers(dest="config_command", required=True,
+                                        metavar="COMMAND")
+    show = command(config_cmds, "show", "print the resolved config and its placement plan "
+                                        "(starts nothing)")
+    _add_experiment(show)
+    _add_data_args(show)
+    _add_address(show)
+    show.add_argument("--json", action="store_true",
+                      help="one JSON document {config, plan}")
+    show.set_defaults(func=_cmd_config_show)
+
+    run = command(commands, "run", "run an experiment config end to end")
+    _add_experiment(run)
+    run.add_argument("--out", default=None, metavar="DIR",
+                     help="run directory (local path or pyarrow URI; default "
+                          "<run.storage_path>/<name>-<timestamp>)")
+    _add_data_args(run)
+    _add_address(run)
+    _add_quiet(run)
+    run.add_argument("--dry-run", action="store_true",
+                     help="print the resolved config and the placement plan; start nothing")
     run.set_defaults(func=_cmd_run)
 
-    resume = commands.add_parser("resume", help="continue a run from its last checkpoint")
-    resume.add_argument("run_dir")
-    resume.add_argument("--quiet", action="store_true", help="no progress display")
+    resume = command(commands, "resume", "continue a run from its last checkpoint")
+    resume.add_argument("run_dir", help="the run directory (holds config.yaml)")
+    _add_data_args(resume)
+    _add_address(resume)
+    _add_quiet(resume)
     resume.set_defaults(func=_cmd_resume)
 
-    sweep = commands.add_parser("sweep", help="Ray Tune + Optuna sweep of an experiment")
+    sweep = command(commands, "sweep", "Ray Tune + Optuna sweep of an experiment")
     sweep.add_argument("sweep_file", nargs="?", help="sweep YAML, e.g. "
                        "experiments/sweeps/universal.yaml")
-    sweep.add_argument("overrides", nargs="*", help="dotted overrides of the sweep file, e.g. "
-                       "search.num_samples=8")
-    sweep.add_argument("--out", default=None, help="sweep directory")
-    sweep.add_argument("--data-root", default=None, help="overrides the experiment's data root")
+    sweep.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="dotted overrides of the sweep file, e.g. search.num_samples=8")
+    sweep.add_argument("--out", default=None, metavar="DIR", help="sweep directory")
     sweep.add_argument("--resume", default=None, metavar="DIR",
                        help="continue an interrupted sweep (finished trials are kept)")
+    _add_data_args(sweep)
+    _add_address(sweep)
+    _add_quiet(sweep)
     sweep.set_defaults(func=_cmd_sweep)
 
-    bench = commands.add_parser("bench", help="benchmarks (tables of side-by-side ratios)")
-    bench_cmds = bench.add_subparsers(dest="bench", required=True)
-    fed = bench_cmds.add_parser("fedavg", help="sequential loop vs this engine vs Flower")
+    bench = command(commands, "bench", "benchmarks (tables of side-by-side ratios)")
+    bench_cmds = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
+    fed = command(bench_cmds, "fedavg", "sequential loop vs this engine vs Flower")
     fed.add_argument("--clients", type=int, default=8)
     fed.add_argument("--rounds", type=int, default=2)
     fed.add_argument("--local-epochs", type=int, default=1)
@@ -247,49 +574,122 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default: all)")
     fed.add_argument("--arch", default="resnet18", choices=["resnet18", "vit"],
                      help="resnet18 (the reference workload) or a tiny vit (quick checks)")
-    dis = bench_cmds.add_parser("distill", help="distillation: one process vs Ray Train")
+    dis = command(bench_cmds, "distill", "distillation: one process vs Ray Train")
     dis.add_argument("--steps", type=int, default=100)
     dis.add_argument("--batch-size", type=int, default=256)
     dis.add_argument("--workers", default="1,2", help="comma list of Train worker counts")
     dis.add_argument("--pool-size", type=int, default=4000)
     dis.add_argument("--tiny", action="store_true", help="a tiny ViT (quick checks)")
-    sca = bench_cmds.add_parser("scale", help="many virtual clients on a few actors")
+    sca = command(bench_cmds, "scale", "many virtual clients on a few actors")
     sca.add_argument("--clients", type=int, default=1000)
     sca.add_argument("--actors", type=int, default=2)
     sca.add_argument("--rounds", type=int, default=2)
     for sub in (fed, dis, sca):
         sub.add_argument("--json", action="store_true", help="print JSON")
-        sub.add_argument("--data-root", default=None)
+        _add_data_args(sub)
+        _add_address(sub)
     bench.set_defaults(func=_cmd_bench)
 
-    report = commands.add_parser("report", help="write report.md and plots for a run")
-    report.add_argument("run_dir")
+    report = command(commands, "report", "write report.md and plots for a run")
+    report.add_argument("run_dir", help="the run directory (holds config.yaml)")
     report.set_defaults(func=_cmd_report)
 
-    strategies = commands.add_parser("strategies", help="list the registered strategies")
+    strategies = command(commands, "strategies",
+                         "list the registered strategies and their options")
+    strategies.add_argument("--json", action="store_true", help="print JSON")
     strategies.set_defaults(func=_cmd_strategies)
     return parser
 
 
+# -- errors ---------------------------------------------------------------------------------
+def _resume_hint(args: argparse.Namespace) -> str | None:
+    """The command that continues what ``args`` started, when there is something to resume."""
+    try:
+        if args.command == "resume":
+            return f"umim resume {shlex.quote(args.run_dir)}"
+        if args.command == "run" and args.out and not args.dry_run \
+                and _exists(args.out, "config.yaml")[1]:
+            return f"umim resume {shlex.quote(str(args.out))}"
+        if args.command == "sweep":
+            folder = args.resume or args.out
+            if folder and _exists(folder, "sweep.yaml")[1]:
+                return f"umim sweep --resume {shlex.quote(str(folder))}"
+    except Exception:  # a hint must never hide the interrupt
+        return None
+    return None
+
+
+def _expected(err: Exception) -> str | None:
+    """The label of an error whose message is worth showing as is (exit 2), else ``None``.
+
+    Each class is looked up only if its module was imported (an error of a module never
+    imported cannot have been raised).
+    """
+    kinds = [("engine.config.loader", "ConfigError", "config error"),
+             ("engine.data.errors", "DataError", "data error"),
+             ("engine.cluster.resources", "ResourceError", "resource error"),
+             ("engine.fl.simulation", "RunError", "run error")]
+    for module, name, label in kinds:
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type) and isinstance(err, cls):
+            return label
+    return None
+
+
+def _fail(err: Exception, verbose: bool) -> int:
+    """Print ``err`` as one line (after its traceback when ``verbose``); the exit status."""
+    if verbose:
+        traceback.print_exception(err)
+    label = _expected(err)
+    if label is not None:
+        _err(f"umim: {label}: {_one_line(str(err)) or type(err).__name__}")
+        return EXIT_ERROR
+    if isinstance(err, UsageError):
+        _err(f"umim: error: {_one_line(str(err))}")
+        return EXIT_ERROR
+    if isinstance(err, OSError):
+        _err(f"umim: error: {_os_message(err)}")
+        return EXIT_ERROR
+    message = _one_line(str(err))
+    _err(f"umim: error: {type(err).__name__}{': ' + message if message else ''} "
+         "(run with -v for the traceback)")
+    return EXIT_UNEXPECTED
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``umim`` console script."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    """Entry point of the ``umim`` console script.
+
+    Parameters
+    ----------
+    argv
+        The arguments (default: ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        The exit status: 0 success, 1 an unexpected error (or a failed check such as
+        missing data in ``umim data list``), 2 a usage, config, data, resource, run or
+        file error, 130 interrupted.
+    """
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help, --version, or a usage error already printed
+        return done.code if isinstance(done.code, int) else (0 if done.code is None else 2)
+    verbose = bool(getattr(args, "verbose", False))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except DataError as err:
-        Console(stderr=True).print(f"[red]data error:[/red] {err}")
-        return 2
-    except Exception as err:  # every expected failure has a message worth showing as is
-        from engine.cluster.resources import ResourceError
-        from engine.config import ConfigError
-        from engine.fl.simulation import RunError
-
-        if isinstance(err, ConfigError | ResourceError | RunError):
-            Console(stderr=True).print(f"[red]{type(err).__name__}:[/red] {err}")
-            return 2
-        raise
+    except KeyboardInterrupt:
+        hint = _resume_hint(args)
+        _err(f"interrupted; continue with: {hint}" if hint else "interrupted")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # e.g. `umim strategies | head`
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+        return EXIT_UNEXPECTED
+    except Exception as err:
+        return _fail(err, verbose)
 
 
 if __name__ == "__main__":

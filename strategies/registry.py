@@ -74,6 +74,11 @@ class Registry(Mapping[str, T], Generic[T]):
         self._items[name] = obj
         return obj
 
+    def unregister(self, name: str) -> None:
+        """Forget a registration made by a call (built-ins stay)."""
+        if name not in self._builtin:
+            self._items.pop(name, None)
+
     def user(self) -> dict[str, T]:
         """What was registered by a call (not shipped with umim), to be installed in other
         processes (see ``engine.config.plugins``)."""
@@ -91,9 +96,9 @@ class Registry(Mapping[str, T], Generic[T]):
             return self._items[name]
         if ":" in name:
             return load_object(name)
-        found = entry_points(group=self.group, name=name)
-        for ep in found:
-            return ep.load()
+        for ep in entry_points(group=self.group, name=name):
+            self._items[name] = ep.load()  # loaded once
+            return self._items[name]
         raise ValueError(f"unknown {self.kind} {name!r}; registered: {sorted(self._items)} "
                          f"(or give an import path 'package.module:name', or install a "
                          f"'{self.group}' entry point)")

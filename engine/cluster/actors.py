@@ -14,6 +14,7 @@ import ray
 import torch
 
 from engine.config import DataConfig, ModelConfig, TrainConfig
+from engine.config.plugins import Plugins, install
 from engine.fl.client import Client, ClientSpec, shard_builder
 from strategies.types import ClientInfo, EvaluateIns, EvaluateRes, FitIns, FitRes, State
 
@@ -22,7 +23,9 @@ class ClientHost:
     """The body of a client actor; plain Python so it can also run in-process."""
 
     def __init__(self, specs: Sequence[ClientSpec], model: ModelConfig, train: TrainConfig,
-                 data: DataConfig, *, seed: int, num_threads: int) -> None:
+                 data: DataConfig, *, seed: int, num_threads: int,
+                 plugins: Plugins | None = None) -> None:
+        install(plugins)  # the driver's registered encoders and sources, before any model
         torch.set_num_threads(max(1, num_threads))
         models: dict[tuple, Any] = {}  # one network per head layout, shared by the clients
         builder = shard_builder(data)

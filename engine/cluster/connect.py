@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 
 import ray
@@ -20,11 +21,31 @@ LOCAL_ENV = {
 }
 
 
+def driver_paths() -> list[str]:
+    """The driver's ``sys.path`` entries outside the interpreter's own folders (the working
+    directory, a notebook's folder, test folders, ...): where user modules named by import
+    path (``model.arch: mypkg.nets:make_encoder``) are found."""
+    own = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
+    out: list[str] = []
+    for entry in sys.path:
+        path = os.path.realpath(entry or os.getcwd())
+        if os.path.isdir(path) and not any(path == o or path.startswith(o + os.sep)
+                                           for o in own) and path not in out:
+            out.append(path)
+    return out
+
+
 def use_local_env() -> None:
-    """Set :data:`LOCAL_ENV` (unless already set) before a local Ray starts; its processes
-    inherit the environment."""
+    """Set :data:`LOCAL_ENV` (unless already set) before a local Ray starts, and put the
+    driver's own import folders (:func:`driver_paths`) on ``PYTHONPATH``: a local Ray's
+    processes (client actors, Train workers, Tune trials) inherit the environment, so they
+    import what the driver imports."""
     for key, value in LOCAL_ENV.items():
         os.environ.setdefault(key, value)
+    current = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    extra = [p for p in driver_paths() if p not in current]
+    if extra:
+        os.environ["PYTHONPATH"] = os.pathsep.join([*current, *extra])
 
 
 def connect(address: str | None = None, *, dashboard: bool = True) -> None:

@@ -21,6 +21,7 @@ from engine.cluster.actors import ClientActor
 from engine.cluster.connect import alive_nodes
 from engine.cluster.resources import ResourceError, check_capacity
 from engine.config import ExperimentConfig
+from engine.config.plugins import Plugins
 from engine.fl.client import ClientSpec
 from engine.fl.failures import ClientFailure
 from strategies.types import ClientInfo, State
@@ -76,11 +77,12 @@ class ActorPool:
         # Never inherit a caller's placement group (a Tune trial's): client actors are
         # accounted for by the sweep's concurrency limit, not by the trial's bundle.
         free = PlacementGroupSchedulingStrategy(placement_group=None)
+        plugins = Plugins.capture() or None  # the driver's registrations, for every actor
         actors = [ClientActor.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus,
                                       max_restarts=res.max_restarts, max_task_retries=0,
                                       scheduling_strategy=free)
                   .remote(group, cfg.model, cfg.train, cfg.data, seed=cfg.seed,
-                          num_threads=max(1, int(res.num_cpus)))
+                          num_threads=max(1, int(res.num_cpus)), plugins=plugins)
                   for group in groups]
         refs = [a.infos.remote() for a in actors]
         try:

@@ -68,7 +68,7 @@ def _place(nodes: Sequence[Mapping[str, float]], groups: Sequence[Group]) -> boo
     """Whether every process of ``groups`` fits on ``nodes`` at once (first fit, largest
     first), with Ray's rules: a fractional GPU request fits inside one GPU, a request of
     ``g >= 1`` GPUs takes ``ceil(g)`` whole free GPUs of one node."""
-    free = [[float(n.get("CPU", 0.0)), [1.0] * int(math.floor(float(n.get("GPU", 0.0)) + 1e-9))]
+    free = [[float(n.get("CPU", 0.0)), [1.0] * math.floor(float(n.get("GPU", 0.0)) + 1e-9)]
             for n in nodes]
     items = sorted(((c, g) for count, c, g in groups for _ in range(count)),
                    key=lambda item: (item[1], item[0]), reverse=True)

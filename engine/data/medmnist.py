@@ -197,69 +197,88 @@ def read_label_counts(flag: str, size: int, data_root: Path | str) -> dict[str, 
         raise DataError(f"{flag}: {path} is missing; `umim data prepare` downloads it"
                         + (f" from {spec.url}" if spec.url else " (it has no public source)")
                         + ", or place the file there by hand")
-    with _open_npz(path) as npz:
-        _check_keys(npz, path, SPLITS)
-        return {s: int(_read(npz, f"{s}_labels", path).shape[0]) for s in SPLITS}
+    with open_npz(path) as npz:
+        check_npz_keys(npz, path, SPLITS)
+        return {s: int(read_npz_array(npz, f"{s}_labels", path).shape[0]) for s in SPLITS}
 
 
-def _open_npz(path: Path):
+_REDOWNLOAD = "delete it and download it again"
+
+
+def open_npz(path: Path, hint: str = _REDOWNLOAD):
+    """``np.load(path)``; an unreadable file is a :class:`DataError` ending in ``hint``."""
     try:
         return np.load(path, allow_pickle=False)
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as err:
         raise DataError(f"{path} is not a readable .npz file ({type(err).__name__}: {err}); "
-                        "it is probably truncated or corrupt: delete it and download it again"
-                        ) from err
+                        f"it is probably truncated or corrupt: {hint}") from err
 
 
-def _check_keys(npz, path: Path, splits: tuple[str, ...]) -> None:
+def check_npz_keys(npz, path: Path, splits: tuple[str, ...],
+                   hint: str = "It is not an official MedMNIST file: download it again"
+                   ) -> None:
+    """Require ``<split>_images`` and ``<split>_labels`` for every split."""
     missing = [f"{s}_{k}" for s in splits for k in ("images", "labels") if f"{s}_{k}" not in npz]
     if missing:
-        raise DataError(f"{path} lacks key(s) {missing}; it holds {sorted(npz.files)}. "
-                        "It is not an official MedMNIST file: download it again")
+        raise DataError(f"{path} lacks key(s) {missing}; it holds {sorted(npz.files)}. {hint}")
 
 
-def _read(npz, key: str, path: Path) -> np.ndarray:
+def read_npz_array(npz, key: str, path: Path, hint: str = _REDOWNLOAD) -> np.ndarray:
+    """One array of an open ``.npz``; a corrupt member is a :class:`DataError`."""
     try:
         return npz[key]
     except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as err:
         raise DataError(f"{path}: array {key!r} cannot be read ({type(err).__name__}: {err}); "
-                        "the file is truncated or corrupt: delete it and download it again"
-                        ) from err
+                        f"the file is truncated or corrupt: {hint}") from err
 
 
 def _read_validated(spec: MedMNISTSpec, path: Path, splits: tuple[str, ...]
                     ) -> dict[str, SplitArrays]:
     out: dict[str, SplitArrays] = {}
-    with _open_npz(path) as npz:
-        _check_keys(npz, path, splits)
+    with open_npz(path) as npz:
+        check_npz_keys(npz, path, splits)
         for split in splits:
-            images = _read(npz, f"{split}_images", path)
-            labels = _read(npz, f"{split}_labels", path)
-            _validate_split(spec, path, split, images, labels)
+            images = read_npz_array(npz, f"{split}_images", path)
+            labels = read_npz_array(npz, f"{split}_labels", path)
+            validate_split_arrays(f"{path} [{split}]", images, labels,
+                                  image_shape=spec.image_shape(), num_labels=spec.num_labels,
+                                  num_classes=spec.num_classes, task=spec.task,
+                                  expected=spec.n_samples.get(split),
+                                  shape_note=f" for {spec.flag} at size {spec.size}")
             out[split] = SplitArrays(images=images, labels=labels.astype(np.int64))
     logger.debug("loaded %s: %s", path, {s: len(a) for s, a in out.items()})
     return out
 
 
-def _validate_split(spec: MedMNISTSpec, path: Path, split: str, images: np.ndarray,
-                    labels: np.ndarray) -> None:
-    where = f"{path} [{split}]"
+def validate_split_arrays(where: str, images: np.ndarray, labels: np.ndarray, *,
+                          image_shape: tuple[int, ...], num_labels: int, num_classes: int,
+                          task: TaskType, expected: int | None = None,
+                          shape_note: str = "") -> None:
+    """Check one split's arrays: uint8 images of ``image_shape`` per sample, integer labels
+    ``(N, num_labels)`` in range, and (if given) ``expected`` samples.
+
+    Raises
+    ------
+    DataError
+        Starting with ``where`` (the file and split) and naming the problem.
+    """
     if images.dtype != np.uint8:
         raise DataError(f"{where}: images have dtype {images.dtype}, expected uint8")
-    if images.shape[1:] != spec.image_shape():
+    if images.shape[1:] != image_shape:
         raise DataError(f"{where}: images have shape {images.shape[1:]} per sample, expected "
-                        f"{spec.image_shape()} for {spec.flag} at size {spec.size}")
-    if labels.ndim != 2 or labels.shape[1] != spec.num_labels:
+                        f"{image_shape}{shape_note}")
+    if labels.ndim != 2 or labels.shape[1] != num_labels:
         raise DataError(f"{where}: labels have shape {labels.shape}, "
-                        f"expected (N, {spec.num_labels})")
+                        f"expected (N, {num_labels})")
+    if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == np.bool_):
+        raise DataError(f"{where}: labels have dtype {labels.dtype}, expected integers")
     if labels.shape[0] != images.shape[0]:
         raise DataError(f"{where}: {images.shape[0]} images but {labels.shape[0]} labels")
-    expected = spec.n_samples.get(split)
     if expected is not None and images.shape[0] != expected:
         raise DataError(f"{where}: {images.shape[0]} samples, expected {expected} "
                         "(the file is not the official one or is incomplete)")
     if labels.size:
-        high = 1 if spec.task == "multi-label" else spec.num_classes - 1
+        high = 1 if task == "multi-label" else num_classes - 1
         lo, hi = int(labels.min()), int(labels.max())
         if lo < 0 or hi > high:
             raise DataError(f"{where}: labels range over [{lo}, {hi}], expected [0, {high}]")

@@ -149,6 +149,15 @@ def load_mednist(data_root: Path | str, *, download: bool = True) -> MedNISTArra
 
 
 @dataclass(frozen=True)
+class MedNISTSplitSettings:
+    """How MedNIST is divided between the server's pool and the client domains."""
+
+    seed: int = 0
+    pool_fraction: float = 0.5
+    split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)
+
+
+@dataclass(frozen=True)
 class MedNISTSplit:
     """Indices into :class:`MedNISTArrays` for the server's pool and each client domain."""
 
@@ -156,7 +165,7 @@ class MedNISTSplit:
     domains: dict[str, dict[str, np.ndarray]]
 
 
-def _stratified_take(labels: np.ndarray, candidates: np.ndarray, fractions: Sequence[float],
+def stratified_take(labels: np.ndarray, candidates: np.ndarray, fractions: Sequence[float],
                      rng: np.random.Generator) -> list[np.ndarray]:
     """Split ``candidates`` into parts of the given fractions, per class, in random order."""
     parts: list[list[np.ndarray]] = [[] for _ in fractions]
@@ -202,12 +211,12 @@ def split_mednist(
     if len(claimed) != len(set(claimed)):
         raise ValueError(f"a MedNIST class is claimed by two domains: {domain_classes}")
     rng = np.random.default_rng(seed)
-    pool, clients = _stratified_take(labels, np.arange(len(labels)),
+    pool, clients = stratified_take(labels, np.arange(len(labels)),
                                      (pool_fraction, 1 - pool_fraction), rng)
     domains: dict[str, dict[str, np.ndarray]] = {}
     for name in sorted(domain_classes):
         members = clients[np.isin(labels[clients], list(domain_classes[name]))]
         domain_rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
-        train, val, test = _stratified_take(labels, members, split_fractions, domain_rng)
+        train, val, test = stratified_take(labels, members, split_fractions, domain_rng)
         domains[name] = {"train": train, "val": val, "test": test}
     return MedNISTSplit(pool=pool, domains=domains)

@@ -1,8 +1,11 @@
 """Build client and pool shards once from the raw datasets, and find them again.
 
 Shards go to ``<cache_dir>/shards/<owner>-<fingerprint>/<split>.parquet``; the fingerprint
-covers the source file, the domain spec, the MedNIST split settings and the shard format,
-so a changed input gives a new shard and an unchanged one is never rebuilt.
+covers the domain spec, its source's fingerprint of the raw input (for MedNIST: the file, the
+claims of every MedNIST domain and the split settings) and the shard format, so a changed
+input gives a new shard and an unchanged one is never rebuilt. What a domain's raw splits
+are is up to its :class:`~engine.data.sources.Source`; every source's images go through the
+same :func:`~engine.data.unify.unify_images`.
 """
 
 from __future__ import annotations
@@ -16,20 +19,17 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.data.catalog import DomainSpec
 from engine.data.errors import DataError
-from engine.data.medmnist import SPLITS, load_medmnist, medmnist_spec
-from engine.data.mednist import (
-    MEDNIST_CLASSES,
-    MedNISTArrays,
-    MedNISTSplit,
-    load_mednist,
-    mednist_paths,
-    split_mednist,
-)
+from engine.data.medmnist import SPLITS
+from engine.data.mednist import MedNISTArrays, MedNISTSplit, MedNISTSplitSettings
 from engine.data.partition import PartitionScheme, partition
 from engine.data.shards import SHARD_FORMAT_VERSION, Shard, ShardMeta, read_shard, write_shard
-from engine.data.unify import normalisation_stats, unify_images
+from engine.data.sources import RawSplit, Source, SourceContext, get_source
+from engine.data.sources.mednist import mednist_key, mednist_split
+from engine.data.spec import DomainSpec
+from engine.data.unify import normalisation_stats, unify_image_list, unify_images
+
+__all__ = ["POOL_OWNER", "MedNISTSplitSettings", "ShardBuilder", "ShardPaths", "ShardRecipe"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,31 +39,16 @@ ShardPaths = dict[str, Path]
 """split name -> shard file."""
 
 
-@dataclass(frozen=True)
-class MedNISTSplitSettings:
-    """How MedNIST is divided between the server's pool and the client domains."""
-
-    seed: int = 0
-    pool_fraction: float = 0.5
-    split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)
-
-
-def _source_fingerprint(path: Path) -> list:
-    if path.is_dir():
-        files = sorted(path.rglob("*.jpeg"))
-        return [path.name, len(files), sum(f.stat().st_size for f in files)]
-    stat = path.stat()
-    return [path.name, stat.st_size, stat.st_mtime_ns]
-
-
 def _digest(payload: object) -> str:
     text = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def _mednist_source(data_root: Path) -> Path | None:
-    folder, tarball = mednist_paths(data_root)
-    return folder if folder.is_dir() else tarball if tarball.exists() else None
+def _unify(raw: RawSplit | tuple) -> np.ndarray:
+    """The unified ``(N, 3, 28, 28)`` images of one raw split (a plain 5-tuple works too)."""
+    images, _, _, spatial_dims, in_channels = raw
+    unify = unify_images if isinstance(images, np.ndarray) else unify_image_list
+    return unify(images, spatial_dims=spatial_dims, in_channels=in_channels)
 
 
 @dataclass(frozen=True)
@@ -113,16 +98,22 @@ class ShardBuilder:
         self.cache_dir = Path(cache_dir)
         self.mednist = mednist or MedNISTSplitSettings()
         self.download = download
-        self._mednist_cache: tuple[MedNISTArrays, MedNISTSplit] | None = None
+        self._memo: dict[str, object] = {}
         self._partitions: dict[tuple, Path] = {}
+
+    @property
+    def context(self) -> SourceContext:
+        """What the sources see of this builder (its memo is shared by every call)."""
+        return SourceContext(self.catalog, self.data_root, download=self.download,
+                             mednist=self.mednist, memo=self._memo)
+
+    def source(self, name: str) -> Source:
+        """The :class:`~engine.data.sources.Source` of domain ``name``."""
+        return get_source(self._spec(name).source)
 
     # -- locations ---------------------------------------------------------------------
     def _mednist_key(self) -> list:
-        source = _mednist_source(self.data_root)
-        claims = {n: list(s.classes) for n, s in self.catalog.items() if s.source == "mednist"}
-        return [None if source is None else _source_fingerprint(source), claims,
-                self.mednist.seed, self.mednist.pool_fraction,
-                list(self.mednist.split_fractions)]
+        return mednist_key(self.context)
 
     def _dir(self, owner: str, key: object) -> Path:
         return self.cache_dir / "shards" / f"{owner}-{_digest([SHARD_FORMAT_VERSION, key])}"
@@ -130,12 +121,8 @@ class ShardBuilder:
     def domain_dir(self, name: str) -> Path:
         """Folder of ``name``'s three shard files."""
         spec = self._spec(name)
-        if spec.source == "mednist":
-            key: object = [spec.to_dict(), self._mednist_key()]
-        else:
-            path = medmnist_spec(spec.dataset or "", spec.size).path(self.data_root)
-            key = [spec.to_dict(), _source_fingerprint(path) if path.exists() else None]
-        return self._dir(name, key)
+        return self._dir(name, [spec.to_dict(), self.source(name).fingerprint(spec,
+                                                                             self.context)])
 
     def pool_path(self) -> Path:
         """The server pool's shard file."""
@@ -153,13 +140,16 @@ class ShardBuilder:
         paths = {split: folder / f"{split}.parquet" for split in SPLITS}
         if all(p.exists() for p in paths.values()):
             return paths
-        spec = self._spec(name)
+        spec = self.source(name).resolve(self._spec(name), self.context)
         logger.info("building shards of domain %s into %s", name, folder)
         raw = self._raw_domain(spec)
-        images = {s: unify_images(x, spatial_dims=sd, in_channels=ch) for s, (x, _, _, sd, ch)
-                  in raw.items()}
+        missing = [s for s in SPLITS if s not in raw]
+        if missing:
+            raise DataError(f"domain {name!r}: source {spec.source!r} gave no {missing} split")
+        images = {s: _unify(raw[s]) for s in SPLITS}
         mean, std = normalisation_stats(images["train"])
-        for split, (_, labels, ids, _, _) in raw.items():
+        for split in SPLITS:
+            _, labels, ids, _, _ = raw[split]
             meta = ShardMeta(owner=name, split=split, task=spec.task,
                              label_names=spec.label_names, mean=mean, std=std)
             write_shard(paths[split], Shard(ids=ids, images=images[split], labels=labels,
@@ -237,29 +227,10 @@ class ShardBuilder:
                                                         mean=mean, std=std))
 
     def _mednist(self) -> tuple[MedNISTArrays, MedNISTSplit]:
-        if self._mednist_cache is None:
-            arrays = load_mednist(self.data_root, download=self.download)
-            claims = {n: [MEDNIST_CLASSES.index(c) for c in s.classes]
-                      for n, s in self.catalog.items() if s.source == "mednist"}
-            split = split_mednist(arrays.labels, claims, seed=self.mednist.seed,
-                                  pool_fraction=self.mednist.pool_fraction,
-                                  split_fractions=self.mednist.split_fractions)
-            self._mednist_cache = (arrays, split)
-        return self._mednist_cache
+        """All MedNIST images and the split shared by the MedNIST domains and the pool
+        (loaded once per builder)."""
+        return mednist_split(self.context)
 
-    def _raw_domain(self, spec: DomainSpec) -> dict[str, tuple]:
+    def _raw_domain(self, spec: DomainSpec) -> dict[str, RawSplit]:
         """split -> (raw images, labels (N, L), ids, spatial_dims, in_channels)."""
-        if spec.source == "mednist":
-            arrays, split = self._mednist()
-            remap = {MEDNIST_CLASSES.index(c): i for i, c in enumerate(spec.classes)}
-            out = {}
-            for s, idx in split.domains[spec.name].items():
-                labels = np.array([remap[int(v)] for v in arrays.labels[idx]], dtype=np.int64)
-                ids = np.asarray([arrays.names[i] for i in idx], dtype=object)
-                out[s] = (arrays.images[idx], labels[:, None], ids, 2, 1)
-            return out
-        mspec = medmnist_spec(spec.dataset or "", spec.size)
-        data = load_medmnist(mspec.flag, mspec.size, self.data_root, download=self.download)
-        return {s: (a.images, a.labels, np.asarray([f"{s}/{i}" for i in range(len(a))],
-                                                    dtype=object),
-                    mspec.spatial_dims, mspec.in_channels) for s, a in data.items()}
+        return get_source(spec.source).load(spec, self.context)

@@ -1,4 +1,7 @@
-"""Per-domain sample counts for ``umim data list``, read without building any shard."""
+"""Per-domain sample counts for ``umim data list``, read without building any shard.
+
+Every domain is counted by its own :class:`~engine.data.sources.Source`.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +9,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.data.catalog import DomainSpec
 from engine.data.errors import DataError
-from engine.data.medmnist import SPLITS, read_label_counts
-from engine.data.mednist import MEDNIST_CLASSES, list_mednist, split_mednist
-from engine.data.prepare import MedNISTSplitSettings
+from engine.data.medmnist import SPLITS
+from engine.data.mednist import MedNISTSplitSettings
+from engine.data.sources import SourceContext, get_source
+from engine.data.sources.mednist import pool_size
+from engine.data.spec import DomainSpec
 
 
 @dataclass(frozen=True)
@@ -51,38 +55,20 @@ class DataSummary:
 
 def summarise_domains(catalog: Mapping[str, DomainSpec], data_root: Path,
                       mednist: MedNISTSplitSettings | None = None) -> DataSummary:
-    """Count train / val / test samples of every domain in ``catalog``, and the pool."""
-    mednist_counts: dict[str, dict[str, int]] = {}
-    mednist_problem: str | None = None
-    if any(spec.source == "mednist" for spec in catalog.values()):
-        try:
-            mednist_counts = _mednist_counts(catalog, data_root,
-                                             mednist or MedNISTSplitSettings())
-        except DataError as err:
-            mednist_problem = str(err)
+    """Count train / val / test samples of every domain in ``catalog``, and the pool.
+
+    Each domain's source counts its own samples (reading file lists and label arrays, not
+    images); a missing or unreadable input is that row's ``problem``, never an exception.
+    A row's spec is the source's resolved one (e.g. a folder's class names) when readable.
+    """
+    ctx = SourceContext(catalog, Path(data_root), download=False,
+                        mednist=mednist or MedNISTSplitSettings())
     rows: list[DomainSummary] = []
     for spec in catalog.values():
-        if spec.source == "mednist":
-            rows.append(DomainSummary(spec, mednist_counts.get(spec.name, {}), mednist_problem))
-            continue
+        source = get_source(spec.source)
         try:
-            rows.append(DomainSummary(spec, read_label_counts(spec.dataset or "", spec.size,
-                                                              data_root)))
+            resolved = source.resolve(spec, ctx)
+            rows.append(DomainSummary(resolved, source.count(resolved, ctx)))
         except DataError as err:
             rows.append(DomainSummary(spec, {}, str(err)))
-    pool = mednist_counts.get("_pool", {}).get("pool")
-    return DataSummary(rows, pool)
-
-
-def _mednist_counts(catalog: Mapping[str, DomainSpec], data_root: Path,
-                    settings: MedNISTSplitSettings) -> dict[str, dict[str, int]]:
-    _, labels = list_mednist(data_root)
-    claims = {n: [MEDNIST_CLASSES.index(c) for c in s.classes]
-              for n, s in catalog.items() if s.source == "mednist"}
-    split = split_mednist(labels, claims, seed=settings.seed,
-                          pool_fraction=settings.pool_fraction,
-                          split_fractions=settings.split_fractions)
-    counts = {name: {s: len(idx) for s, idx in parts.items()}
-              for name, parts in split.domains.items()}
-    counts["_pool"] = {"pool": len(split.pool)}
-    return counts
+    return DataSummary(rows, pool_size(ctx))

@@ -1,12 +1,16 @@
 """Bring every domain to one input format: ``3 x 28 x 28``, normalised per domain.
 
 Grey images repeat their channel, RGB images move channels first, 3D volumes become their
-three orthogonal central slices (2.5D) as channels, and anything larger than 28 is resized
-with area interpolation (MONAI ``Resize``). The unified images are stored as uint8; they
+three orthogonal central slices (2.5D) as channels, and any other size than 28 is resized
+with area interpolation (MONAI ``Resize``); images of mixed sizes are unified per size
+(:func:`unify_image_list`). The unified images are stored as uint8; they
 become normalised float tensors once, when a client loads its shard.
 """
 
 from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -68,6 +72,20 @@ def unify_images(images: np.ndarray, *, spatial_dims: int, in_channels: int) -> 
     if chw.shape[-1] != UNIFIED_SIZE:
         chw = _resize(chw, UNIFIED_SIZE)
     return np.ascontiguousarray(chw)
+
+
+def unify_image_list(images: Sequence[np.ndarray], *, spatial_dims: int, in_channels: int
+                     ) -> np.ndarray:
+    """:func:`unify_images` for single images of varying sizes: each group of equal shape is
+    unified in one call, and the results keep the order of ``images``."""
+    out = np.empty((len(images), *UNIFIED_SHAPE), dtype=np.uint8)
+    groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for i, image in enumerate(images):
+        groups[image.shape].append(i)
+    for index in groups.values():
+        out[index] = unify_images(np.stack([images[i] for i in index]),
+                                  spatial_dims=spatial_dims, in_channels=in_channels)
+    return out
 
 
 def normalisation_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:

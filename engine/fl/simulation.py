@@ -7,7 +7,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from engine.fl.protocols import ClientPool
 from engine.records.checkpoint import Checkpoint, save_checkpoint
 from engine.records.history import History
 from engine.records.progress import RunProgress
+from engine.records.results import Results
 from engine.records.storage import Storage
 from strategies import Strategy, StrategyContext, create_strategy, nonfinite_keys
 from strategies.distill import DistillService
@@ -33,13 +34,32 @@ class RunError(RuntimeError):
 
 @dataclass
 class RunResult:
-    """What a finished run returns (and wrote to ``run_dir``)."""
+    """What a finished run returns (and wrote to ``run_dir``).
+
+    Attributes
+    ----------
+    run_dir
+        The run directory.
+    config
+        The experiment as it ran.
+    history
+        The main run's history (``history.to_pandas()``: one row per round, client, domain,
+        phase and metric).
+    summary
+        The summary (``summary.json``).
+    strategy_state
+        The main strategy's final state (tensors).
+    results
+        Every method's test metrics (``results.to_pandas()``: method, seed, client, domain,
+        metric, value); for a study, the baselines and evaluations too.
+    """
 
     run_dir: str
     config: ExperimentConfig
     history: History
     summary: dict[str, Any]
     strategy_state: dict[str, Any]
+    results: Results = field(default_factory=Results)
 
 
 class Callback:

@@ -25,13 +25,19 @@ from strategies.types import POOLED_CID
 logger = logging.getLogger(__name__)
 
 
+def machine_paths(cfg: ExperimentConfig, data_root: str | None = None,
+                  cache_dir: str | None = None) -> dict[str, str]:
+    """This machine's absolute data root and cache folder for ``cfg``: the arguments, else
+    ``data.data_root`` / ``data.cache_dir``, else the environment and defaults."""
+    return {"data_root": str(resolve_data_root(data_root or cfg.data.data_root)),
+            "cache_dir": str(resolve_cache_dir(cache_dir or cfg.data.cache_dir))}
+
+
 def resolve_paths(cfg: ExperimentConfig, data_root: str | None = None,
                   cache_dir: str | None = None) -> ExperimentConfig:
-    """Fix the data root and cache folder to absolute paths, so the saved config replays."""
-    data = replace(cfg.data,
-                   data_root=str(resolve_data_root(data_root or cfg.data.data_root)),
-                   cache_dir=str(resolve_cache_dir(cache_dir or cfg.data.cache_dir)))
-    return replace(cfg, data=data)
+    """``cfg`` with :func:`machine_paths` filled in, for the processes of this run. Saved
+    configs keep the paths as the user gave them, so a run directory replays elsewhere."""
+    return replace(cfg, data=replace(cfg.data, **machine_paths(cfg, data_root, cache_dir)))
 
 
 def client_specs(cfg: ExperimentConfig, pooled: bool) -> list[ClientSpec]:

@@ -50,8 +50,10 @@ class Study:
     """Runs the steps of one experiment in a run directory, skipping those already done."""
 
     def __init__(self, cfg: ExperimentConfig, storage: Storage, *, quiet: bool = False,
-                 callbacks: Sequence[Callback] = ()) -> None:
+                 callbacks: Sequence[Callback] = (), saved: ExperimentConfig | None = None
+                 ) -> None:
         self.cfg = cfg
+        self.saved = saved or cfg  # as the user wrote it (no machine paths): what is saved
         self.storage = storage
         self.quiet = quiet
         self.callbacks = list(callbacks)
@@ -91,7 +93,7 @@ class Study:
                 self._baseline(session, name, seed)
         summary = self.summary(main.summary, session.base_info)
         self.storage.write_text("summary.json", json.dumps(summary, indent=2, default=float))
-        return replace(main, summary=summary)
+        return replace(main, summary=summary, results=Results(self.results.rows))
 
     def _main(self, session: Session) -> RunResult:
         sim = build_simulation(self.cfg, self.storage, session, quiet=self.quiet,
@@ -165,7 +167,8 @@ class Study:
         cfg = replace(self.cfg, seed=seed, name=f"{self.cfg.name}-{name}",
                       strategy=self.cfg.evaluation.baseline_strategy(name, rounds))
         storage = Storage(f"{self.storage.uri}/baselines/{name}-seed{seed}")
-        storage.write_text("config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        saved = replace(self.saved, seed=seed, name=cfg.name, strategy=cfg.strategy)
+        storage.write_text("config.yaml", yaml.safe_dump(to_dict(saved), sort_keys=False))
         sim = build_simulation(cfg, storage, session, quiet=self.quiet,
                                callbacks=self.callbacks)
         checkpoint = latest_checkpoint(storage)
@@ -220,7 +223,7 @@ def _new_storage(cfg: ExperimentConfig, out: str | os.PathLike[str] | None) -> S
 
 
 def run(cfg: ExperimentConfig, *, out: str | os.PathLike[str] | None = None,
-        data_root: str | None = None, quiet: bool = False,
+        data_root: str | None = None, cache_dir: str | None = None, quiet: bool = False,
         callbacks: Sequence[Callback] = ()) -> RunResult:
     """Run an experiment end to end and write its run directory.
 
@@ -231,8 +234,9 @@ def run(cfg: ExperimentConfig, *, out: str | os.PathLike[str] | None = None,
     out
         Run directory (local path or pyarrow URI); default
         ``<run.storage_path>/<name>-<timestamp>``.
-    data_root
-        Overrides ``data.data_root``.
+    data_root, cache_dir
+        This machine's data root and cache folder (else ``data.data_root`` /
+        ``data.cache_dir``, else the environment); not written into the saved config.
     quiet
         No progress display.
     callbacks
@@ -241,14 +245,14 @@ def run(cfg: ExperimentConfig, *, out: str | os.PathLike[str] | None = None,
     Returns
     -------
     RunResult
-        Run directory, main-run history, summary (with every method and test) and the
-        final strategy state.
+        Run directory, main-run history, summary (with every method and test), the final
+        strategy state, and every method's results (``result.results.to_pandas()``).
     """
-    cfg = resolve_paths(cfg, data_root)
     storage = _new_storage(cfg, out)
     if storage.exists("config.yaml"):
         raise RunError(f"{storage.uri} already holds a run; use `umim resume {storage.uri}`")
-    study = Study(cfg, storage, quiet=quiet, callbacks=callbacks)
+    study = Study(resolve_paths(cfg, data_root, cache_dir), storage, quiet=quiet,
+                  callbacks=callbacks, saved=cfg)
     session = study.session()  # fails fast (data, resources) before the run dir is claimed
     try:
         storage.write_text("config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -257,14 +261,17 @@ def run(cfg: ExperimentConfig, *, out: str | os.PathLike[str] | None = None,
         session.shutdown()
 
 
-def resume(run_dir: str | os.PathLike[str], *, quiet: bool = False,
+def resume(run_dir: str | os.PathLike[str], *, data_root: str | None = None,
+           cache_dir: str | None = None, quiet: bool = False,
            callbacks: Sequence[Callback] = ()) -> RunResult:
-    """Continue a run from its newest checkpoint and finish the steps not yet done."""
+    """Continue a run from its newest checkpoint and finish the steps not yet done
+    (``data_root`` / ``cache_dir``: this machine's folders, as for :func:`run`)."""
     storage = Storage(run_dir)
     if not storage.exists("config.yaml"):
         raise RunError(f"{storage.uri} holds no config.yaml: not a umim run directory")
     cfg = from_dict(ExperimentConfig, yaml.safe_load(storage.read_text("config.yaml")))
-    study = Study(cfg, storage, quiet=quiet, callbacks=callbacks)
+    study = Study(resolve_paths(cfg, data_root, cache_dir), storage, quiet=quiet,
+                  callbacks=callbacks, saved=cfg)
     session = study.session()
     try:
         return study.execute(session)

@@ -18,8 +18,10 @@ from typing import Any
 import torch
 
 from engine.cluster.resources import ResourceError
+from engine.config.plugins import Plugins, install
 
 MODEL_FILE = "model.pt"
+PLUGINS_KEY = "__plugins"
 
 
 def check_train_resources(num_workers: int, use_gpu: bool, *, knob: str,
@@ -81,7 +83,8 @@ def fit_trainer(loop: Callable[[dict[str, Any]], None], config: Mapping[str, Any
                           gpus_per_worker=gpus_per_worker)
     resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
-        _with_threads(loop, max(1, int(cpus_per_worker))), train_loop_config=dict(config),
+        _with_threads(loop, max(1, int(cpus_per_worker))),
+        train_loop_config={**config, PLUGINS_KEY: Plugins.capture() or None},
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -97,10 +100,12 @@ def fit_trainer(loop: Callable[[dict[str, Any]], None], config: Mapping[str, Any
 
 def _with_threads(loop: Callable[[dict[str, Any]], None], threads: int
                   ) -> Callable[[dict[str, Any]], None]:
-    """``loop`` with torch's intra-op threads set to the worker's whole CPUs (as the client
-    actors do), so a worker given 2 CPUs computes on 2 cores."""
+    """``loop`` with the driver's plugins installed and torch's intra-op threads set to the
+    worker's whole CPUs (as the client actors do), so a worker given 2 CPUs computes on 2
+    cores."""
 
     def threaded(config: dict[str, Any]) -> None:
+        install(config.pop(PLUGINS_KEY, None))  # the driver's registrations, first
         torch.set_num_threads(threads)
         loop(config)
 

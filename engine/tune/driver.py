@@ -16,11 +16,12 @@ from typing import Any
 
 import yaml
 
+from engine.cluster.resources import concurrent_trials
 from engine.config import ExperimentConfig, from_dict, to_dict
 from engine.config.loader import ConfigError
+from engine.config.plugins import Plugins
 from engine.tune.names import METRIC, TIME_ATTR
 from engine.tune.outputs import write_outputs
-from engine.cluster.resources import concurrent_trials
 from engine.tune.schema import SweepConfig, get_dotted, load_sweep
 from engine.tune.space import tune_space
 from engine.tune.trial import run_trial
@@ -37,7 +38,7 @@ def _trial_name(trial: Any) -> str:
 
 
 def _tuner(sweep: SweepConfig, base: Mapping[str, Any], folder: Path, *,
-           restore: bool) -> Any:
+           restore: bool, paths: Mapping[str, str] | None = None) -> Any:
     """A new ``tune.Tuner`` for the sweep, or (``restore``) the one saved under ``folder``.
 
     Parameters
@@ -61,7 +62,9 @@ def _tuner(sweep: SweepConfig, base: Mapping[str, Any], folder: Path, *,
     concurrent = sweep.search.max_concurrent_trials or concurrent_trials(cfg, alive_nodes())
     # The trial itself mostly waits on its actors and Train workers: it takes no CPU slot
     # (a bundle must not be empty, so it asks for a sliver of memory instead).
-    trainable = tune.with_resources(run_trial, {"memory": 64 * 1024**2})
+    # The driver's registered strategies, encoders and sources reach every trial.
+    trainable = tune.with_resources(tune.with_parameters(run_trial, plugins=Plugins.capture()),
+                                    {"memory": 64 * 1024**2})
     if restore:
         logger.info("resuming the sweep in %s", folder)
         return tune.Tuner.restore(str(folder / "tune" / sweep.name), trainable,
@@ -80,7 +83,8 @@ def _tuner(sweep: SweepConfig, base: Mapping[str, Any], folder: Path, *,
                                stop_last_trials=False)
                  if sweep.search.scheduler == "asha" else FIFOScheduler())
     param_space = {**tune_space(sweep.space),
-                   "__sweep": {"base": dict(base), "dir": str(folder)}}
+                   "__sweep": {"base": dict(base), "dir": str(folder),
+                               "paths": dict(paths or {})}}
     logger.info("sweep %s: %d trials, %d at once", sweep.name, sweep.search.num_samples,
                 concurrent)
     return tune.Tuner(
@@ -102,7 +106,7 @@ def _tuner(sweep: SweepConfig, base: Mapping[str, Any], folder: Path, *,
 def sweep(sweep_file: str | os.PathLike[str] | None = None, overrides: Sequence[str] = (),
           *, out: str | os.PathLike[str] | None = None,
           resume: str | os.PathLike[str] | None = None,
-          data_root: str | None = None) -> dict[str, Any]:
+          data_root: str | None = None, cache_dir: str | None = None) -> dict[str, Any]:
     """Run (or resume) a sweep and write its outputs.
 
     Parameters
@@ -116,8 +120,9 @@ def sweep(sweep_file: str | os.PathLike[str] | None = None, overrides: Sequence[
         Sweep directory (default ``<storage_path>/<name>``).
     resume
         A sweep directory to continue: finished trials are kept, the rest run.
-    data_root
-        Overrides the experiment's ``data.data_root``.
+    data_root, cache_dir
+        Override the experiment's ``data.data_root`` / ``data.cache_dir`` on this machine
+        (kept in ``sweep.yaml`` for a resume, never in a trial's or the best config).
 
     Returns
     -------
@@ -125,30 +130,33 @@ def sweep(sweep_file: str | os.PathLike[str] | None = None, overrides: Sequence[
         The summary: best trial, its parameters and objective, counts by state.
     """
     from engine.cluster.connect import connect
+    from engine.run.session import machine_paths
 
     if resume is not None:
         folder = Path(resume).resolve()
+        if not (folder / "sweep.yaml").is_file():
+            raise ConfigError(f"{folder} holds no sweep.yaml: not a sweep directory")
         saved = yaml.safe_load((folder / "sweep.yaml").read_text())
         sweep_cfg = from_dict(SweepConfig, saved["sweep"])
         base = saved["base"]
+        paths = machine_paths(from_dict(ExperimentConfig, base), data_root, cache_dir) \
+            if data_root or cache_dir or "paths" not in saved else saved["paths"]
     else:
         if sweep_file is None:
             raise ConfigError("give a sweep file or --resume DIR")
         sweep_cfg, base = load_sweep(sweep_file, overrides)
-        from engine.run.session import resolve_paths
-
-        resolved = resolve_paths(from_dict(ExperimentConfig, base), data_root)
-        base = to_dict(resolved)
+        paths = machine_paths(from_dict(ExperimentConfig, base), data_root, cache_dir)
         folder = _sweep_dir(sweep_cfg, out).resolve()
         if (folder / "sweep.yaml").exists():
             raise ConfigError(f"{folder} already holds a sweep; use --resume {folder}")
         folder.mkdir(parents=True, exist_ok=True)
+        # the base stays as written (portable); this machine's folders are kept apart
         (folder / "sweep.yaml").write_text(yaml.safe_dump(
-            {"sweep": to_dict(sweep_cfg), "base": base}, sort_keys=False))
+            {"sweep": to_dict(sweep_cfg), "base": base, "paths": paths}, sort_keys=False))
     # Save Tune's experiment state (and the searcher's study) at least every second, so a
     # trial that finished before a crash is known as finished when the sweep resumes.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     connect(from_dict(ExperimentConfig, base).run.address)
-    tuner = _tuner(sweep_cfg, base, folder, restore=resume is not None)
+    tuner = _tuner(sweep_cfg, base, folder, restore=resume is not None, paths=paths)
     grid = tuner.fit()
     return write_outputs(folder, sweep_cfg, base, grid)

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from engine.config import to_dict
+from engine.config.plugins import Plugins, install
 from engine.tune.names import CHANCE_AUC, METRIC, TIME_ATTR
 from engine.tune.schema import trial_config
 
@@ -95,7 +96,7 @@ def _distill_callbacks(reporter: Any) -> Callable[[Any], list[Any]]:
     return make
 
 
-def run_trial(config: dict[str, Any]) -> None:
+def run_trial(config: dict[str, Any], plugins: Plugins | None = None) -> None:
     """The Tune function trainable: one experiment with the sampled values.
 
     Parameters
@@ -104,12 +105,15 @@ def run_trial(config: dict[str, Any]) -> None:
         The sampled values (dotted experiment keys) plus ``__sweep``: the trial base config
         (``base``) and the sweep directory (``dir``), where the trial leaves a marker under
         ``invocations/`` when it starts and another (``.done``) when it finishes.
+    plugins
+        The driver's registrations, installed before the trial's config is read.
     """
+    install(plugins)
     from ray import tune
 
     from engine.records.storage import Storage
     from engine.run.build import build_simulation
-    from engine.run.session import Session
+    from engine.run.session import Session, resolve_paths
 
     meta = config["__sweep"]
     params = {k: v for k, v in config.items() if not k.startswith("__")}
@@ -117,9 +121,10 @@ def run_trial(config: dict[str, Any]) -> None:
     marker = Path(meta["dir"], "invocations", f"{trial_id}.{uuid.uuid4().hex[:8]}")
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps({"params": params, "time": time.time()}, default=str))
-    cfg = trial_config(meta["base"], params)
+    saved = trial_config(meta["base"], params)
+    cfg = resolve_paths(saved, **meta.get("paths", {}))  # this machine's data and cache
     storage = Storage(Path(tune.get_context().get_trial_dir()) / "run")
-    storage.write_text("config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    storage.write_text("config.yaml", yaml.safe_dump(to_dict(saved), sort_keys=False))
     session = Session(cfg).start()
     try:
         reporter = _round_reporter()

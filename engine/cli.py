@@ -182,7 +182,7 @@ def _add_quiet(parser: argparse.ArgumentParser) -> None:
 
 def _add_experiment(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="experiment YAML, e.g. experiments/quickstart.yaml")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
+    parser.add_argument("overrides", nargs="*", default=[], metavar="key=value",
                         help="dotted overrides, e.g. strategy.rounds=3")
 
 
@@ -270,12 +270,13 @@ def _cmd_data_list(args: argparse.Namespace) -> int:
     if cfg is not None:
         title += f", experiment {cfg.name!r}"
     table = Table(title=escape(title))
-    columns = ["domain", "source", "modality", "task", "classes", "train", "val", "test"]
+    numbers = ("classes", "train", "val", "test")
+    columns = ["domain", "source", "modality", "task", *numbers]
     if used is not None:
-        columns.append("in experiment")
-    for col in columns:
-        table.add_column(col, no_wrap=True, justify="right"
-                         if col in ("classes", "train", "val", "test") else "left")
+        columns.append("used")
+    for col in columns:  # numbers and names never cut; descriptions wrap when space is short
+        table.add_column(col, justify="right" if col in numbers else "left",
+                         no_wrap=col in (*numbers, "domain", "used"), overflow="fold")
     for r in rows:
         counts = [str(r.counts[s]) if s in r.counts else "-" for s in ("train", "val", "test")]
         cells = [r.spec.name, r.spec.source_name, r.spec.modality, r.spec.task,
@@ -494,7 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = command(commands, "data", "inspect and prepare the datasets")
     data_cmds = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
     listing = command(data_cmds, "list", "table of the domains and their sample counts")
-    listing.add_argument("overrides", nargs="*", metavar="key=value",
+    listing.add_argument("overrides", nargs="*", default=[], metavar="key=value",
                          help="overrides of --config, e.g. data.extra_domains=...")
     listing.add_argument("--config", default=None, metavar="CONFIG",
                          help="an experiment YAML: list its data.extra_domains too")
@@ -502,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--json", action="store_true", help="print JSON keyed by domain")
     listing.set_defaults(func=_cmd_data_list)
     prepare = command(data_cmds, "prepare", "build the client and pool shards once")
-    prepare.add_argument("items", nargs="*", metavar="DOMAIN|key=value",
+    prepare.add_argument("items", nargs="*", default=[], metavar="DOMAIN|key=value",
                          help="domains to prepare (default: the experiment's with --config, "
                               "else all) and overrides of --config")
     prepare.add_argument("--config", default=None, metavar="CONFIG",
@@ -546,7 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = command(commands, "sweep", "Ray Tune + Optuna sweep of an experiment")
     sweep.add_argument("sweep_file", nargs="?", help="sweep YAML, e.g. "
                        "experiments/sweeps/universal.yaml")
-    sweep.add_argument("overrides", nargs="*", metavar="key=value",
+    sweep.add_argument("overrides", nargs="*", default=[], metavar="key=value",
                        help="dotted overrides of the sweep file, e.g. search.num_samples=8")
     sweep.add_argument("--out", default=None, metavar="DIR", help="sweep directory")
     sweep.add_argument("--resume", default=None, metavar="DIR",
@@ -602,6 +603,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -- errors ---------------------------------------------------------------------------------
+def _prog(args: argparse.Namespace) -> str:
+    """``umim <command> [<subcommand>]`` of ``args``."""
+    words = ["umim", args.command]
+    sub = getattr(args, "bench" if args.command == "bench" else f"{args.command}_command", None)
+    if isinstance(sub, str):
+        words.append(sub)
+    return " ".join(words)
+
+
 def _resume_hint(args: argparse.Namespace) -> str | None:
     """The command that continues what ``args`` started, when there is something to resume."""
     try:
@@ -636,8 +646,9 @@ def _expected(err: Exception) -> str | None:
     return None
 
 
-def _fail(err: Exception, verbose: bool) -> int:
-    """Print ``err`` as one line (after its traceback when ``verbose``); the exit status."""
+def _fail(err: Exception, verbose: bool, prog: str = "umim") -> int:
+    """Print ``err`` as one line (after its traceback when ``verbose``); the exit status
+    (``prog``: the command, named in a usage error)."""
     if verbose:
         traceback.print_exception(err)
     label = _expected(err)
@@ -645,14 +656,14 @@ def _fail(err: Exception, verbose: bool) -> int:
         _err(f"umim: {label}: {_one_line(str(err)) or type(err).__name__}")
         return EXIT_ERROR
     if isinstance(err, UsageError):
-        _err(f"umim: error: {_one_line(str(err))}")
+        _err(f"{prog}: error: {_one_line(str(err))}")
         return EXIT_ERROR
     if isinstance(err, OSError):
         _err(f"umim: error: {_os_message(err)}")
         return EXIT_ERROR
     message = _one_line(str(err))
-    _err(f"umim: error: {type(err).__name__}{': ' + message if message else ''} "
-         "(run with -v for the traceback)")
+    hint = "" if verbose else " (run with -v for the traceback)"
+    _err(f"umim: error: {type(err).__name__}{': ' + message if message else ''}{hint}")
     return EXIT_UNEXPECTED
 
 
@@ -689,7 +700,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115
         return EXIT_UNEXPECTED
     except Exception as err:
-        return _fail(err, verbose)
+        return _fail(err, verbose, _prog(args))
 
 
 if __name__ == "__main__":

@@ -93,6 +93,8 @@ def test_sweep_killed_resumed_and_best_config_replayed(tmp_path: Path, data_root
     best = load_config(folder / "best.yaml")
     assert best.distill.temperature == pytest.approx(
         summary["best_params"]["distill.temperature"])
-    replay = run(best, out=tmp_path / "replay", quiet=True)
+    assert str(data_root) not in (folder / "best.yaml").read_text()  # portable
+    replay = run(best, out=tmp_path / "replay", data_root=str(data_root),
+                 cache_dir=str(shard_cache), quiet=True)
     assert not math.isnan(replay.summary["mean_val_auc"])
     assert replay.summary["mean_val_auc"] == pytest.approx(summary["best_objective"], abs=0.02)

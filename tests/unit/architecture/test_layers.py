@@ -108,7 +108,7 @@ def test_imports_point_down(path: Path) -> None:
     for line, name in imports_of(path):
         if own == "umim" and name == "engine":  # the public API re-exports the version
             continue
-        if name == "engine" or name.startswith("engine.") and _package(name) is None:
+        if name == "engine" or (name.startswith("engine.") and _package(name) is None):
             wrong.append(f"line {line}: imports the engine root {name!r}")
             continue
         target = _package(name)
@@ -143,7 +143,7 @@ def test_the_checker_sees_a_wrong_import(tmp_path: Path) -> None:
     bad = REPO / "engine" / "nn" / "_layer_probe_tmp.py"
     bad.write_text("def f():\n    from engine.run.session import Session\n    return Session\n")
     try:
-        with pytest.raises(AssertionError, match="engine.nn .* imports engine.run.session"):
+        with pytest.raises(AssertionError, match=r"engine\.nn .* imports engine\.run\.session"):
             test_imports_point_down(bad)
     finally:
         bad.unlink()

@@ -96,8 +96,14 @@ def test_import_path_and_entry_point_sources(monkeypatch: pytest.MonkeyPatch) ->
 
     point = EntryPoint(name="vendor-npz", value="engine.data.sources.npz:NpzSource",
                        group=registry.ENTRY_POINT_GROUP)
-    monkeypatch.setattr(registry, "entry_points",
-                        lambda group: [point] if group == registry.ENTRY_POINT_GROUP else [])
+    def fake_entry_points(group: str, name: str | None = None) -> list[EntryPoint]:
+        return [point] if group == registry.ENTRY_POINT_GROUP and name in (None, point.name) \
+            else []
+
+    import strategies.registry
+
+    monkeypatch.setattr(registry, "entry_points", fake_entry_points)
+    monkeypatch.setattr(strategies.registry, "entry_points", fake_entry_points)
     try:
         assert "vendor-npz" in known_sources() and "vendor-npz" not in SOURCES
         assert domain_catalog({"x": {"source": "vendor-npz", **entry}})["x"].task == "binary"

@@ -4,9 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.cluster.resources import ResourceError
+from engine.cluster.resources import ResourceError, concurrent_trials, trial_resources
 from engine.config.loader import ConfigError
-from engine.cluster.resources import concurrent_trials, trial_resources
 from engine.tune.schema import load_sweep, trial_config
 from engine.tune.space import tune_space
 

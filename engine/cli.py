@@ -26,8 +26,6 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from engine import __version__
-
 if TYPE_CHECKING:
     from engine.config import ExperimentConfig
 
@@ -40,6 +38,12 @@ EXIT_INTERRUPTED = 130
 # engine options a function may not take yet, and the environment variable the engine reads
 # instead (``engine.cluster.connect`` reads $RAY_ADDRESS, ``engine.data.root`` $UMIM_CACHE_DIR)
 _ENV_FALLBACK = {"address": "RAY_ADDRESS", "cache_dir": "UMIM_CACHE_DIR"}
+
+
+def _version() -> str:
+    """``engine.__version__``, read from the already loaded parent package (the layer rule
+    keeps the command line from importing the ``engine`` root)."""
+    return str(getattr(sys.modules.get("engine"), "__version__", "unknown"))
 
 
 class UsageError(Exception):
@@ -128,14 +132,13 @@ def _environ(values: Mapping[str, str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def _call(fn: Callable[..., Any], *args: Any, env: Sequence[str] = (),
-          drop: Sequence[str] = (), **options: Any) -> Any:
+def _call(fn: Callable[..., Any], *args: Any, env: Sequence[str] = (), **options: Any) -> Any:
     """Call an engine function with the options the user gave (``None``: not given).
 
     An option that ``fn`` does not take (yet) is, if named in ``env``, handed over as the
     environment variable the engine reads instead (``address``: ``$RAY_ADDRESS``,
-    ``cache_dir``: ``$UMIM_CACHE_DIR``); if named in ``drop``, left out (the config holds it
-    already); ``quiet`` becomes warnings-only logging; any other is a :class:`UsageError`.
+    ``cache_dir``: ``$UMIM_CACHE_DIR``); ``quiet`` becomes warnings-only logging; any other
+    is a :class:`UsageError`.
     """
     params = inspect.signature(fn).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
@@ -148,8 +151,6 @@ def _call(fn: Callable[..., Any], *args: Any, env: Sequence[str] = (),
             passed[key] = value
         elif key in env:
             environ[_ENV_FALLBACK[key]] = str(value)
-        elif key in drop:
-            continue
         elif key == "quiet":
             if value:
                 logging.getLogger().setLevel(logging.WARNING)
@@ -188,22 +189,31 @@ def _add_experiment(parser: argparse.ArgumentParser) -> None:
 
 # -- config and plan ------------------------------------------------------------------------
 def _experiment(args: argparse.Namespace) -> ExperimentConfig:
-    """The config of ``run`` / ``config show`` as the run would save it: overrides applied,
-    data root and cache folder resolved, ``--address`` in ``run.address``."""
+    """The config of ``run`` / ``config show``: the file plus overrides, ``--address`` in
+    ``run.address``. Data root and cache folder stay as given (they belong to a machine, not
+    to the experiment; see :func:`_machine_paths`)."""
     from engine.config import load_config
-    from engine.data import resolve_cache_dir, resolve_data_root
 
     cfg = load_config(args.config, args.overrides)
-    data = dataclasses.replace(
-        cfg.data, data_root=str(resolve_data_root(args.data_root or cfg.data.data_root)),
-        cache_dir=str(resolve_cache_dir(args.cache_dir or cfg.data.cache_dir)))
-    run = dataclasses.replace(cfg.run, address=args.address) if args.address else cfg.run
-    return dataclasses.replace(cfg, data=data, run=run)
+    if args.address:
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, address=args.address))
+    return cfg
 
 
-def _show(cfg: ExperimentConfig, *, as_json: bool, run_dir: str | None = None) -> None:
-    """Print the resolved config as YAML and its placement plan as YAML comments (so the
-    whole output is a config that replays the run), or both as one JSON document."""
+def _machine_paths(cfg: ExperimentConfig, args: argparse.Namespace) -> dict[str, str]:
+    """This machine's data root and cache folder for ``cfg`` (``--data-root`` /
+    ``--cache-dir``, else ``data.*``, else the environment), as the run resolves them."""
+    from engine.data import resolve_cache_dir, resolve_data_root
+
+    return {"data_root": str(resolve_data_root(args.data_root or cfg.data.data_root)),
+            "cache_dir": str(resolve_cache_dir(args.cache_dir or cfg.data.cache_dir))}
+
+
+def _show(cfg: ExperimentConfig, paths: Mapping[str, str], *, as_json: bool,
+          run_dir: str | None = None) -> None:
+    """Print the config as the run saves it (YAML) and its placement plan as YAML comments,
+    so the whole output is a config that replays the run; or all of it as one JSON document
+    ``{config, plan, paths}``."""
     import yaml
 
     from engine.config import to_dict
@@ -211,19 +221,23 @@ def _show(cfg: ExperimentConfig, *, as_json: bool, run_dir: str | None = None) -
 
     plan = placement_plan(cfg)
     if as_json:
-        print(json.dumps({"config": to_dict(cfg), "plan": plan}, indent=2, default=str))
+        print(json.dumps({"config": to_dict(cfg), "plan": plan, "paths": dict(paths)},
+                         indent=2, default=str))
         return
     print("# resolved config")
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
     print("#")
     for line in format_plan(plan).splitlines():
         print(f"# {line}")
+    print(f"# data root    {paths['data_root']} (this machine; not saved in the config)")
+    print(f"# cache        {paths['cache_dir']} (this machine; not saved in the config)")
     if run_dir is not None:
-        print(f"# run directory: {run_dir} (a dry run starts and writes nothing)")
+        print(f"# run dir      {run_dir} (a dry run starts and writes nothing)")
 
 
 def _cmd_config_show(args: argparse.Namespace) -> int:
-    _show(_experiment(args), as_json=args.json)
+    cfg = _experiment(args)
+    _show(cfg, _machine_paths(cfg, args), as_json=args.json)
     return 0
 
 
@@ -318,12 +332,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg = _experiment(args)
     if args.dry_run:
         run_dir = args.out or f"{cfg.run.storage_path.rstrip('/')}/{cfg.name}-<timestamp>"
-        _show(cfg, as_json=False, run_dir=run_dir)
+        _show(cfg, _machine_paths(cfg, args), as_json=False, run_dir=run_dir)
         return 0
     from engine.run.study import run
 
     result = _call(run, cfg, out=args.out, data_root=args.data_root, cache_dir=args.cache_dir,
-                   quiet=args.quiet, drop=("cache_dir",))
+                   quiet=args.quiet)
     _print_summary(result.run_dir, result.summary)
     return 0
 
@@ -483,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="debug logging, and the traceback of an error")
     parser = _Parser(prog="umim", description=__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=f"umim {__version__}")
+    parser.add_argument("--version", action="version", version=f"umim {_version()}")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="debug logging, and the traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

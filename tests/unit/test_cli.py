@@ -94,14 +94,16 @@ def test_config_show_resolves_and_plans(tmp_path: Path,
     out = capsys.readouterr().out
     cfg = yaml.safe_load(out)  # the plan is YAML comments: the output replays the run
     assert cfg["strategy"]["rounds"] == 5 and cfg["strategy"]["name"] == "universal"
-    assert cfg["data"]["data_root"] == str((tmp_path / "data").resolve())
-    assert cfg["data"]["cache_dir"]  # resolved, as the run directory's config.yaml holds it
+    assert cfg["data"]["data_root"] is None  # machine paths are never saved in a config
+    assert f"# data root    {(tmp_path / 'data').resolve()} (this machine" in out
+    assert "# cache        " in out
     assert cfg["run"]["address"] == "ray://head:10001"
     assert "# placement plan of 'quickstart'" in out and "#   peak         2 CPU, 0 GPU" in out
     assert load_config(None, [f"{k}={json.dumps(v)}" for k, v in cfg.items()])
     assert main(["config", "show", SMOKE, "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["config"]["name"] == "smoke" and doc["plan"]["actors"]["count"] == 2
+    assert set(doc["paths"]) == {"data_root", "cache_dir"}
     assert had_ray or "ray" not in sys.modules
 
 
@@ -112,7 +114,7 @@ def test_run_dry_run_starts_nothing(tmp_path: Path, fake_study: SimpleNamespace,
     text = capsys.readouterr().out
     assert yaml.safe_load(text)["strategy"]["rounds"] == 3
     assert "# placement plan of 'smoke'" in text and "1. main: fedavg, 3 round(s)" in text
-    assert f"# run directory: {out}" in text
+    assert f"# run dir      {out} (a dry run" in text
     assert fake_study.run is None and not out.exists()
 
 
@@ -126,7 +128,7 @@ def test_run_passes_flags(tmp_path: Path, fake_study: SimpleNamespace,
     assert call["data_root"] == str(tmp_path / "d") and call["cache_dir"] == str(tmp_path / "c")
     cfg = call["cfg"]
     assert cfg.run.address == "auto"
-    assert (cfg.data.data_root, cfg.data.cache_dir) == (str(tmp_path / "d"), str(tmp_path / "c"))
+    assert (cfg.data.data_root, cfg.data.cache_dir) == (None, None)  # not saved in the config
     assert "mean test AUC 0.500" in capsys.readouterr().out
 
 

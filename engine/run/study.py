@@ -262,16 +262,19 @@ def run(cfg: ExperimentConfig, *, out: str | os.PathLike[str] | None = None,
 
 
 def resume(run_dir: str | os.PathLike[str], *, data_root: str | None = None,
-           cache_dir: str | None = None, quiet: bool = False,
+           cache_dir: str | None = None, address: str | None = None, quiet: bool = False,
            callbacks: Sequence[Callback] = ()) -> RunResult:
     """Continue a run from its newest checkpoint and finish the steps not yet done
-    (``data_root`` / ``cache_dir``: this machine's folders, as for :func:`run`)."""
+    (``data_root`` / ``cache_dir``: this machine's folders, as for :func:`run`; ``address``:
+    the Ray cluster to use now, instead of the saved ``run.address``)."""
     storage = Storage(run_dir)
     if not storage.exists("config.yaml"):
         raise RunError(f"{storage.uri} holds no config.yaml: not a umim run directory")
     cfg = from_dict(ExperimentConfig, yaml.safe_load(storage.read_text("config.yaml")))
-    study = Study(resolve_paths(cfg, data_root, cache_dir), storage, quiet=quiet,
-                  callbacks=callbacks, saved=cfg)
+    here = resolve_paths(cfg, data_root, cache_dir)
+    if address:
+        here = replace(here, run=replace(here.run, address=address))
+    study = Study(here, storage, quiet=quiet, callbacks=callbacks, saved=cfg)
     session = study.session()
     try:
         return study.execute(session)

@@ -38,7 +38,7 @@ def _trial_name(trial: Any) -> str:
 
 
 def _tuner(sweep: SweepConfig, base: Mapping[str, Any], folder: Path, *,
-           restore: bool, paths: Mapping[str, str] | None = None) -> Any:
+           restore: bool, paths: Mapping[str, str] | None = None, verbose: int = 1) -> Any:
     """A new ``tune.Tuner`` for the sweep, or (``restore``) the one saved under ``folder``.
 
     Parameters
@@ -100,13 +100,14 @@ def _tuner(sweep: SweepConfig, base: Mapping[str, Any], folder: Path, *,
         run_config=tune.RunConfig(name=sweep.name, storage_path=str(folder / "tune"),
                                   failure_config=tune.FailureConfig(max_failures=0,
                                                                     fail_fast=False),
-                                  verbose=1))
+                                  verbose=verbose))
 
 
 def sweep(sweep_file: str | os.PathLike[str] | None = None, overrides: Sequence[str] = (),
           *, out: str | os.PathLike[str] | None = None,
           resume: str | os.PathLike[str] | None = None,
-          data_root: str | None = None, cache_dir: str | None = None) -> dict[str, Any]:
+          data_root: str | None = None, cache_dir: str | None = None,
+          address: str | None = None, quiet: bool = False) -> dict[str, Any]:
     """Run (or resume) a sweep and write its outputs.
 
     Parameters
@@ -123,6 +124,11 @@ def sweep(sweep_file: str | os.PathLike[str] | None = None, overrides: Sequence[
     data_root, cache_dir
         Override the experiment's ``data.data_root`` / ``data.cache_dir`` on this machine
         (kept in ``sweep.yaml`` for a resume, never in a trial's or the best config).
+    address
+        The Ray cluster to join (else the experiment's ``run.address``, else
+        ``$RAY_ADDRESS``, else a local Ray).
+    quiet
+        No Tune progress table.
 
     Returns
     -------
@@ -156,7 +162,8 @@ def sweep(sweep_file: str | os.PathLike[str] | None = None, overrides: Sequence[
     # Save Tune's experiment state (and the searcher's study) at least every second, so a
     # trial that finished before a crash is known as finished when the sweep resumes.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
-    connect(from_dict(ExperimentConfig, base).run.address)
-    tuner = _tuner(sweep_cfg, base, folder, restore=resume is not None, paths=paths)
+    connect(address or from_dict(ExperimentConfig, base).run.address)
+    tuner = _tuner(sweep_cfg, base, folder, restore=resume is not None, paths=paths,
+                   verbose=0 if quiet else 1)
     grid = tuner.fit()
     return write_outputs(folder, sweep_cfg, base, grid)

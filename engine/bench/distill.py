@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from engine.config import ExperimentConfig, TrainScaling, from_dict
+from engine.config import ExperimentConfig, TrainScaling, from_dict, to_dict
 from engine.data import MISSION_DOMAINS, domain_catalog
 from engine.nn.models import build_model
 from engine.run.session import resolve_paths
@@ -90,4 +90,4 @@ def bench_distill(*, steps: int = 100, batch_size: int = 256, workers: tuple[int
         row["throughput_vs_single"] = row["samples_per_s"] / base
     return {"rows": rows, "workload": {"steps": steps, "batch_size": batch_size,
                                        "teachers": len(MISSION_DOMAINS), "pool": pool_size,
-                                       "model": dict(cfg.model.__dict__)}}
+                                       "model": to_dict(cfg.model)}}

@@ -7,6 +7,7 @@ are errors. ``umim run CONFIG.yaml section.key=value ...`` overrides any leaf.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -478,6 +479,9 @@ class ExperimentConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
+            raise ValueError(f"name: {self.name!r} must be letters, digits, '.', '_' or '-' "
+                             "(it names the run's folder)")
         stages = getattr(self.strategy.options, "stages", ())
         unknown = [d for stage in stages for d in stage if d not in self.data.domains]
         if unknown:

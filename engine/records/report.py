@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt
 
 from engine.records.results import Results
 from engine.records.storage import Storage
+from strategies.distill import LOSS_NAMES
 
 PLOT_AUC = "auc_by_method.png"
 PLOT_DISTILL = "distill_curves.png"
@@ -61,18 +62,25 @@ def plot_auc(storage: Storage, summary: dict[str, Any], domains: list[str]) -> N
 
 
 def plot_distill(storage: Storage, curves: dict[str, list[dict[str, float]]]) -> None:
-    """Label-free stopping signal (student/teacher agreement) against distillation step."""
+    """Label-free stopping signal (student/teacher agreement) and every named loss term
+    (:data:`strategies.distill.LOSS_NAMES`, one line style each) against distillation step."""
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for name, curve in curves.items():
+    styles = ["-", "--", ":", "-."]
+    for i, (name, curve) in enumerate(curves.items()):
         steps = [r["step"] for r in curve]
-        ax1.plot(steps, [r["agreement"] for r in curve], marker="o", label=name)
-        ax2.plot(steps, [r["loss"] for r in curve], marker="o", label=name)
+        color = f"C{i % 10}"
+        ax1.plot(steps, [r["agreement"] for r in curve], marker="o", color=color, label=name)
+        for j, term in enumerate(LOSS_NAMES):
+            if all(r.get(term, 0.0) > 0 for r in curve):  # a term that is off has no line
+                ax2.plot(steps, [r[term] for r in curve], color=color,
+                         linestyle=styles[j % len(styles)], label=f"{name}: {term}")
     ax1.set_xlabel("step")
     ax1.set_ylabel("agreement on held-out pool")
     ax2.set_xlabel("step")
-    ax2.set_ylabel("distillation loss")
+    ax2.set_ylabel("distillation loss, by term")
     ax2.set_yscale("log")
     ax1.legend(fontsize=7)
+    ax2.legend(fontsize=6, ncol=2)
     _save(storage, PLOT_DISTILL, fig)
 
 

@@ -76,3 +76,49 @@ def test_dashboard_only_where_ray_train_runs(overrides: dict, expected: bool) ->
     assert cfg.runs_train_jobs is expected
     assert load_config(None, ["run.dashboard=false"]).run.dashboard is False
     assert load_config(None).run.dashboard is None
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["strategy.name=fedavgg"], r"strategy\.name: unknown strategy 'fedavgg'; registered: "),
+    (["data.domains=[breast,lung]"], r"data\.domains: unknown domain\(s\) \['lung'\]"),
+    (["evaluation.baselines=[fedavg,fedsgd]"], r"evaluation\.baselines: unknown strategy"),
+    (["evaluation.baselines=[fedavg,fedavg]"], r"evaluation\.baselines has duplicates"),
+    (["data.domains=[breast,retina]", "evaluation.lodo_domains=[pneumonia]"],
+     r"evaluation\.lodo_domains name domains that are not in data\.domains: \['pneumonia'\]"),
+    (["strategy.name=universal", "strategy.proximal_mu=0.1"],
+     r"\['strategy\.proximal_mu'\]: not option\(s\) of strategy 'universal'"),
+    (["strategy.name=universal", "strategy.num_stages=9"], r"num_stages=9 exceeds the 8"),
+    (["distill.temperature=0"], r"distill\.temperature must be > 0"),
+    (["distill.num_workers=0"], r"distill\.num_workers must be >= 1"),
+    (["run.checkpoint_every=0"], r"run\.checkpoint_every"),
+    (["clients.num_actors=0"], r"clients\.num_actors must be >= 1"),
+    (["train.lr=0"], r"lr > 0"),
+    (["train.momentum=1.5"], r"train\.momentum must be in \[0, 1\)"),
+    (["data.max_train_samples=0"], r"data\.max_train_samples must be > 0"),
+    (["pretrain.method=mim", "model.arch=resnet18"], r"pretrain\.method=mim needs model\.arch"),
+    (["evaluation.baseline_options={fedprox: {proximal_mu: 0.1}}"],
+     r"baseline_options names strategies that are not baselines: \['fedprox'\]"),
+    (["evaluation.baselines=[fedprox]", "evaluation.baseline_options={fedprox: {mu: 1}}"],
+     r"evaluation\.baseline_options\.fedprox.*not option"),
+    (["name=../../escape"], r"name: '\.\./\.\./escape' must be letters"),
+    (["data.extra_domains={x: {source: kaggle}}"], r"data\.extra_domains: domain 'x'"),
+])
+def test_every_name_and_range_is_checked_at_load(overrides: list[str], message: str) -> None:
+    import time
+
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match=message):
+        cfg = load_config(None, overrides)
+        cfg.evaluation.baseline_strategy("fedprox", 2)  # baselines' own options, as the study
+    assert time.perf_counter() - started < 1.0
+
+
+def test_strategy_section_is_flat_and_round_trips() -> None:
+    cfg = load_config(None, ["strategy.name=fedprox", "strategy.proximal_mu=0.2",
+                             "strategy.rounds=3"])
+    assert cfg.strategy.options.proximal_mu == 0.2 and cfg.planned_rounds() == 3
+    assert to_dict(cfg)["strategy"] == {"name": "fedprox", "rounds": 3, "proximal_mu": 0.2}
+    assert from_dict(ExperimentConfig, to_dict(cfg)) == cfg
+    base = load_config(None, ["evaluation.baselines=[fedprox]",
+                              "evaluation.baseline_options={fedprox: {proximal_mu: 0.5}}"])
+    assert base.evaluation.baseline_strategy("fedprox", 4).options.proximal_mu == 0.5

@@ -487,6 +487,10 @@ def _print_summary(run_dir: str, summary: dict) -> None:
                          f"{run_dir}"), soft_wrap=True)
     if summary.get("failures"):
         console.print(f"[yellow]{len(summary['failures'])} client failure(s) recorded[/yellow]")
+    if summary.get("evaluation_failures"):
+        console.print(f"[yellow]{len(summary['evaluation_failures'])} fine-tuning call(s) "
+                      "failed; their pairs are missing from the comparisons (summary.json: "
+                      "evaluation_failures)[/yellow]")
 
 
 # -- the parser -----------------------------------------------------------------------------
@@ -652,7 +656,8 @@ def _expected(err: Exception) -> str | None:
     kinds = [("engine.config.loader", "ConfigError", "config error"),
              ("engine.data.errors", "DataError", "data error"),
              ("engine.cluster.resources", "ResourceError", "resource error"),
-             ("engine.fl.simulation", "RunError", "run error")]
+             ("engine.fl.simulation", "RunError", "run error"),
+             ("engine.records.lock", "RunLockError", "run error")]
     for module, name, label in kinds:
         cls = getattr(sys.modules.get(module), name, None)
         if isinstance(cls, type) and isinstance(err, cls):

@@ -50,7 +50,9 @@ class ActorPool:
 
     def __init__(self, actors: list[Any], home: dict[str, int], infos: dict[str, ClientInfo],
                  max_retries: int, ready_timeout_s: float,
-                 observers: Sequence[Observer] = ()) -> None:
+                 observers: Sequence[Observer] = (), task_timeout_s: float | None = None
+                 ) -> None:
+        self.task_timeout_s = task_timeout_s
         self.actors = actors
         self.home = home
         self._infos = infos
@@ -103,7 +105,8 @@ class ActorPool:
             for observe in observers:
                 observe(info.cid, "infos", info)
         logger.info("started %d client actors for %d clients", count, len(specs))
-        return cls(actors, home, infos, res.max_retries, res.ready_timeout_s, observers)
+        return cls(actors, home, infos, res.max_retries, res.ready_timeout_s, observers,
+                   task_timeout_s=res.task_timeout_s)
 
     def infos(self) -> dict[str, ClientInfo]:
         """Client id -> onboarding announcement."""
@@ -140,28 +143,52 @@ class ActorPool:
         results: dict[str, Any] = {}
         failures: dict[str, ClientFailure] = {}
         done = on_done or (lambda: None)
+        started = {ref: time.monotonic() for ref in pending}
+        timed_out: set[str] = set()
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
             for ref in ready:
                 cid, attempt = pending.pop(ref)
+                started.pop(ref, None)
                 try:
                     results[cid] = ray.get(ref)
                     for observe in self.observers:
                         observe(cid, method, results[cid])
                     done()
                 except RayActorError as err:
+                    kind = "timeout" if cid in timed_out else "actor_died"
                     if attempt < self.max_retries and self._await_restart(cid):
-                        logger.warning("client %s: actor died during %s (%s); retry %d/%d",
-                                       cid, method, type(err).__name__, attempt + 1,
-                                       self.max_retries)
-                        pending[submit(cid)] = (cid, attempt + 1)
+                        logger.warning("client %s: %s during %s (%s); retry %d/%d", cid,
+                                       kind.replace("_", " "), method, type(err).__name__,
+                                       attempt + 1, self.max_retries)
+                        timed_out.discard(cid)
+                        retry = submit(cid)
+                        pending[retry] = (cid, attempt + 1)
+                        started[retry] = time.monotonic()
                     else:
-                        failures[cid] = ClientFailure("actor_died", str(err))
+                        message = (f"no result within clients.task_timeout_s="
+                                   f"{self.task_timeout_s:g}s" if kind == "timeout" else str(err))
+                        failures[cid] = ClientFailure(kind, message)
                         done()
                 except RayTaskError as err:
                     failures[cid] = ClientFailure("task_error", str(err))
                     done()
+            self._stop_hung(pending, started, timed_out)
         return results, failures
+
+    def _stop_hung(self, pending: Mapping[Any, tuple[str, int]], started: dict[Any, float],
+                   timed_out: set[str]) -> None:
+        """Kill (Ray restarts) the actor of every task past ``task_timeout_s``: a hung client
+        is then a failure handled like a crash (retried, then recorded)."""
+        if self.task_timeout_s is None:
+            return
+        now = time.monotonic()
+        for ref, (cid, _) in pending.items():
+            if cid not in timed_out and now - started.get(ref, now) > self.task_timeout_s:
+                logger.warning("client %s: no result after %.0f s (clients.task_timeout_s); "
+                               "restarting its actor", cid, now - started[ref])
+                timed_out.add(cid)
+                ray.kill(self.actor_of(cid), no_restart=False)
 
     def _await_restart(self, cid: str) -> bool:
         """Wait until the actor of ``cid`` answers again (Ray restarts it and it reloads its

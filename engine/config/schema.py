@@ -168,7 +168,13 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Local training on a client: optimiser, schedule, numerics."""
+    """Local training on a client: optimiser, schedule, numerics.
+
+    ``precision`` is the experiment's one precision setting, honoured by the clients (fit,
+    evaluation, fine-tuning), MIM pretraining, distillation and the benchmarks
+    (:mod:`engine.nn.precision`): ``auto`` is bf16 autocast on CUDA and float32 on a CPU,
+    ``bf16`` is bf16 autocast on any device (the CPU too), ``fp32`` is no autocast.
+    """
 
     local_epochs: int = 1
     batch_size: int = 64
@@ -210,6 +216,10 @@ class ClientsConfig:
         count; below it the run stops with an error.
     ready_timeout_s
         How long to wait for all actors to start (fails instead of hanging on placement).
+    task_timeout_s
+        How long one client call (fit, evaluate, fine-tune) may take before the client counts
+        as hung: its actor is restarted and the call retried like a crash, then recorded as a
+        ``timeout`` failure (``null``: no limit). Raise it for large models on CPUs.
     """
 
     num_actors: int | None = None
@@ -219,6 +229,7 @@ class ClientsConfig:
     max_retries: int = 2
     min_fit_fraction: float = 1.0
     ready_timeout_s: float = 300.0
+    task_timeout_s: float | None = 3600.0
 
     def __post_init__(self) -> None:
         if self.num_actors is not None and self.num_actors < 1:
@@ -228,7 +239,8 @@ class ClientsConfig:
         if not 0.0 < self.min_fit_fraction <= 1.0:
             raise ValueError("clients.min_fit_fraction must be in (0, 1]")
         _non_negative("clients", max_restarts=self.max_restarts, max_retries=self.max_retries)
-        _positive("clients", ready_timeout_s=self.ready_timeout_s)
+        _positive("clients", ready_timeout_s=self.ready_timeout_s,
+                  task_timeout_s=self.task_timeout_s)
 
 
 @dataclass(frozen=True)

@@ -25,12 +25,15 @@ logger = logging.getLogger(__name__)
 
 def finetune_compare(actors: ClientPool, infos: Mapping[str, ClientInfo], cids: Sequence[str],
                      encoders: Mapping[str, State], *, epochs: int, seeds: Sequence[int],
-                     results: Results) -> None:
+                     results: Results) -> list[dict[str, Any]]:
     """Fine-tune ``cids`` from each encoder in ``encoders`` (method -> encoder state).
 
     Each (client, seed) pair gets identical training randomness under every method, so the
-    methods differ only by their starting encoder. Rows go into ``results``.
+    methods differ only by their starting encoder. Rows go into ``results``; returns the
+    failed (method, seed, client) calls with their reasons, so a pair that drops out of a
+    comparison is reported, never silently missing.
     """
+    failures: list[dict[str, Any]] = []
     for method, encoder in encoders.items():
         shared = dict(encoder)
         for seed in seeds:
@@ -39,12 +42,15 @@ def finetune_compare(actors: ClientPool, infos: Mapping[str, ClientInfo], cids: 
                                                 "round": 0, "seed": seed})
                             for cid in cids}
             done, failed = actors.run("finetune", instructions)
-            for cid, reason in failed.items():
+            for cid, reason in sorted(failed.items()):
                 logger.warning("fine-tuning %s (%s, seed %d) failed: %s", cid, method, seed,
                                reason)
+                failures.append({"method": method, "seed": seed, "client": cid,
+                                 "reason": str(reason)[:2000]})
             for cid, res in done.items():
                 for domain, metrics in res.metrics.items():
                     results.add(method, seed, cid, domain, metrics)
+    return failures
 
 
 def base_teachers(actors: ClientPool, infos: Mapping[str, ClientInfo], cids: Sequence[str],

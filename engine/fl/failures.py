@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class ClientFailure:
-    """Why a client returned no result: ``kind`` is ``actor_died`` (its actor crashed and
+    """Why a client returned no result: ``kind`` is ``timeout`` (no result within
+    ``clients.task_timeout_s``, also after retries), ``actor_died`` (its actor crashed and
     was not back in time, or retries ran out), ``task_error`` (the client's code raised) or
     ``nonfinite_update`` (set by the round loop for a NaN/Inf update)."""
 

@@ -49,8 +49,7 @@ class Storage:
             self.root = text
         else:
             self.fs, self.root = pafs.FileSystem.from_uri(text)
-        self.uri = text
-        self.fs.create_dir(self.root, recursive=True)
+        self.uri = text  # nothing is created until the first write
 
     @property
     def is_local(self) -> bool:
@@ -96,3 +95,20 @@ class Storage:
     def delete_dir(self, rel: str) -> None:
         """Remove folder ``rel`` and its contents."""
         self.fs.delete_dir(self.path(rel))
+
+    def delete_file(self, rel: str) -> None:
+        """Remove file ``rel`` if it exists."""
+        if self.exists(rel):
+            self.fs.delete_file(self.path(rel))
+
+    def remove_if_empty(self, rel: str = "") -> None:
+        """Remove folder ``rel`` (default: the run folder itself) when nothing is in it."""
+        path = self.path(rel).rstrip("/") if rel else self.root
+        info = self.fs.get_file_info(path)
+        inside = self.fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        if info.type == pafs.FileType.Directory and not inside:
+            self.fs.delete_dir(path)
+
+    def folder_exists(self) -> bool:
+        """Whether the run folder itself exists."""
+        return self.fs.get_file_info(self.root).type != pafs.FileType.NotFound

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -26,9 +27,12 @@ from typing import Any
 import yaml
 
 from engine.config import ExperimentConfig, from_dict, to_dict
+from engine.config.changes import classify_changes, config_changes, describe_refusal
 from engine.fl.evaluation import base_teachers, encoder_of, finetune_compare, lodo_encoder
 from engine.fl.simulation import Callback, RunError, RunResult, Simulation
 from engine.records.checkpoint import latest_checkpoint
+from engine.records.history import History
+from engine.records.lock import RunLock
 from engine.records.results import Results
 from engine.records.stats import paired_tests
 from engine.records.storage import Storage
@@ -39,6 +43,10 @@ from strategies.types import POOLED_CID
 logger = logging.getLogger(__name__)
 
 RESULTS = "results.parquet"
+HISTORY = "history.parquet"
+STARTED_CONFIG = "progress/config.yaml"
+RESUMES = "progress/resumes.json"
+"""The config the run's saved state was made with (``config.yaml`` is the user's to edit)."""
 
 
 def base_label(cfg: ExperimentConfig) -> str:
@@ -99,8 +107,11 @@ class Study:
         sim = build_simulation(self.cfg, self.storage, session, quiet=self.quiet,
                                callbacks=self.callbacks)
         checkpoint = latest_checkpoint(self.storage)
-        if self._done("main") and checkpoint is not None:
+        if self._done("main") and checkpoint is not None and checkpoint.round >= sim.rounds:
             sim.restore(checkpoint)
+            # the checkpoint's history stops before the final test evaluation; the run's
+            # own history.parquet holds it (never recompute the summary from partial state)
+            sim.history = History.from_parquet_bytes(self.storage.read_bytes(HISTORY))
             return RunResult(self.storage.uri, self.cfg, sim.history, sim.summary(),
                              sim.strategy.state_dict())
         start = sim.restore(checkpoint) if checkpoint is not None else 1
@@ -133,10 +144,10 @@ class Study:
             self.results.drop(method)
         logger.info("downstream fine-tuning of %d clients from %s, seeds %s", len(cids),
                     list(arms), list(self.cfg.evaluation.seeds))
-        finetune_compare(session.actors, infos, cids, arms,
-                         epochs=self.cfg.evaluation.finetune_epochs,
-                         seeds=self.cfg.evaluation.seeds, results=self.results)
-        self._mark("finetune")
+        failed = finetune_compare(session.actors, infos, cids, arms,
+                                  epochs=self.cfg.evaluation.finetune_epochs,
+                                  seeds=self.cfg.evaluation.seeds, results=self.results)
+        self._mark("finetune", {"failures": failed})
 
     def _lodo(self, session: Session) -> None:
         pending = [d for d in self.cfg.evaluation.lodo_domains if not self._done(f"lodo-{d}")]
@@ -154,10 +165,10 @@ class Study:
                                            self.cfg.distill, seed=self.cfg.seed)
             held = [c for c in cids if domain in infos[c].domains]
             arms = {"lodo:universal+ft": encoder, f"lodo:{base_label(self.cfg)}": session.base}
-            finetune_compare(session.actors, infos, held, arms,
-                             epochs=max(self.cfg.evaluation.finetune_epochs, 1),
-                             seeds=self.cfg.evaluation.seeds, results=self.results)
-            self._mark(f"lodo-{domain}", {"curve": result.curve})
+            failed = finetune_compare(session.actors, infos, held, arms,
+                                      epochs=max(self.cfg.evaluation.finetune_epochs, 1),
+                                      seeds=self.cfg.evaluation.seeds, results=self.results)
+            self._mark(f"lodo-{domain}", {"curve": result.curve, "failures": failed})
 
     def _baseline(self, session: Session, name: str, seed: int) -> None:
         step = f"baseline-{name}-seed{seed}"
@@ -211,7 +222,18 @@ class Study:
                                     and downstream["mean_diff"] > 0)}
         base = {k: v for k, v in base_info.items() if k != "path"}
         return {**main, "base": base, "methods": methods, "comparisons": comparisons,
-                "claim": verdict}
+                "claim": verdict, "evaluation_failures": self.evaluation_failures()}
+
+    def evaluation_failures(self) -> list[dict[str, Any]]:
+        """Every failed fine-tuning call of the evaluations, by step (the pairs that dropped
+        out of a comparison, and why)."""
+        out = []
+        for name in self.storage.listdir("progress"):
+            if name.endswith(".done"):
+                info = json.loads(self.storage.read_text(f"progress/{name}"))
+                out += [{"step": name.removesuffix(".done"), **f}
+                        for f in info.get("failures", [])]
+        return out
 
 
 # -- the public API --------------------------------------------------------------------------
@@ -219,7 +241,12 @@ def _new_storage(cfg: ExperimentConfig, out: str | os.PathLike[str] | None) -> S
     if out is not None:
         return Storage(out)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Storage(f"{cfg.run.storage_path.rstrip('/')}/{cfg.name}-{stamp}")
+    unique = f"{stamp}-s{cfg.seed}-{secrets.token_hex(2)}"  # runs started together differ
+    return Storage(f"{cfg.run.storage_path.rstrip('/')}/{cfg.name}-{unique}")
+
+
+def _dump(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
 def run(cfg: ExperimentConfig, *, out: str | os.PathLike[str] | None = None,
@@ -227,13 +254,18 @@ def run(cfg: ExperimentConfig, *, out: str | os.PathLike[str] | None = None,
         callbacks: Sequence[Callback] = ()) -> RunResult:
     """Run an experiment end to end and write its run directory.
 
+    The run directory is locked first (a second run into it fails at once, naming the
+    holder); ``config.yaml`` is written before the session starts, and taken back (with
+    the folder, if this call created it) when the session cannot start, so a failed start
+    leaves nothing behind.
+
     Parameters
     ----------
     cfg
         The experiment config (see :func:`engine.config.load_config`).
     out
         Run directory (local path or pyarrow URI); default
-        ``<run.storage_path>/<name>-<timestamp>``.
+        ``<run.storage_path>/<name>-<timestamp>-s<seed>-<random>``.
     data_root, cache_dir
         This machine's data root and cache folder (else ``data.data_root`` /
         ``data.cache_dir``, else the environment); not written into the saved config.
@@ -249,34 +281,90 @@ def run(cfg: ExperimentConfig, *, out: str | os.PathLike[str] | None = None,
         strategy state, and every method's results (``result.results.to_pandas()``).
     """
     storage = _new_storage(cfg, out)
-    if storage.exists("config.yaml"):
-        raise RunError(f"{storage.uri} already holds a run; use `umim resume {storage.uri}`")
-    study = Study(resolve_paths(cfg, data_root, cache_dir), storage, quiet=quiet,
-                  callbacks=callbacks, saved=cfg)
-    session = study.session()  # fails fast (data, resources) before the run dir is claimed
+    existed = storage.folder_exists()
     try:
-        storage.write_text("config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        return study.execute(session)
-    finally:
-        session.shutdown()
+        with RunLock(storage):
+            if storage.exists("config.yaml"):
+                raise RunError(f"{storage.uri} already holds a run; use "
+                               f"`umim resume {storage.uri}`")
+            study = Study(resolve_paths(cfg, data_root, cache_dir), storage, quiet=quiet,
+                          callbacks=callbacks, saved=cfg)
+            storage.write_text("config.yaml", _dump(cfg))
+            storage.write_text(STARTED_CONFIG, _dump(cfg))
+            try:
+                session = study.session()  # data, resources: fails fast, before any step
+            except BaseException:
+                storage.delete_file("config.yaml")
+                storage.delete_file(STARTED_CONFIG)
+                storage.remove_if_empty("progress")
+                raise
+            try:
+                return study.execute(session)
+            finally:
+                session.shutdown()
+    except BaseException:
+        if not existed:  # a run that never started leaves no folder behind
+            storage.remove_if_empty()
+        raise
 
 
 def resume(run_dir: str | os.PathLike[str], *, data_root: str | None = None,
            cache_dir: str | None = None, address: str | None = None, quiet: bool = False,
            callbacks: Sequence[Callback] = ()) -> RunResult:
-    """Continue a run from its newest checkpoint and finish the steps not yet done
-    (``data_root`` / ``cache_dir``: this machine's folders, as for :func:`run`; ``address``:
-    the Ray cluster to use now, instead of the saved ``run.address``)."""
+    """Continue a run from its newest checkpoint and finish the steps not yet done.
+
+    ``config.yaml`` may have been edited since the run started: a change its saved state
+    cannot follow is refused naming the keys; placement changes and extensions (more
+    baselines, seeds of baselines, LODO domains; more rounds while no later step is done)
+    are allowed and recorded in ``progress/resumes.json``.
+
+    Parameters
+    ----------
+    run_dir
+        The run directory.
+    data_root, cache_dir
+        This machine's folders, as for :func:`run`.
+    address
+        The Ray cluster to use now, instead of the saved ``run.address``.
+    quiet, callbacks
+        As for :func:`run`.
+    """
     storage = Storage(run_dir)
     if not storage.exists("config.yaml"):
         raise RunError(f"{storage.uri} holds no config.yaml: not a umim run directory")
-    cfg = from_dict(ExperimentConfig, yaml.safe_load(storage.read_text("config.yaml")))
-    here = resolve_paths(cfg, data_root, cache_dir)
-    if address:
-        here = replace(here, run=replace(here.run, address=address))
-    study = Study(here, storage, quiet=quiet, callbacks=callbacks, saved=cfg)
-    session = study.session()
-    try:
-        return study.execute(session)
-    finally:
-        session.shutdown()
+    with RunLock(storage):
+        cfg = from_dict(ExperimentConfig, yaml.safe_load(storage.read_text("config.yaml")))
+        _check_resume(storage, cfg)
+        here = resolve_paths(cfg, data_root, cache_dir)
+        if address:
+            here = replace(here, run=replace(here.run, address=address))
+        study = Study(here, storage, quiet=quiet, callbacks=callbacks, saved=cfg)
+        session = study.session()
+        try:
+            return study.execute(session)
+        finally:
+            session.shutdown()
+
+
+def _check_resume(storage: Storage, cfg: ExperimentConfig) -> None:
+    """Refuse a ``config.yaml`` edited beyond what the saved state can follow; record the
+    allowed changes (and reopen the main step when its rounds grew)."""
+    if not storage.exists(STARTED_CONFIG):  # a run made before this check existed
+        storage.write_text(STARTED_CONFIG, _dump(cfg))
+        return
+    before = yaml.safe_load(storage.read_text(STARTED_CONFIG))
+    changes = config_changes(before, to_dict(cfg))
+    if not changes:
+        return
+    done = [name.removesuffix(".done") for name in storage.listdir("progress")
+            if name.endswith(".done")]
+    allowed, refused = classify_changes(changes, done)
+    if refused:
+        raise RunError(describe_refusal(refused, changes))
+    log = (json.loads(storage.read_text(RESUMES)) if storage.exists(RESUMES) else [])
+    log.append({"time": time.time(), "changes": {k: list(v) for k, v in allowed.items()}})
+    storage.write_text(RESUMES, json.dumps(log, indent=2, default=str))
+    if "strategy.rounds" in allowed:
+        storage.delete_file("progress/main.done")  # the main run goes on from its checkpoint
+    storage.write_text(STARTED_CONFIG, _dump(cfg))
+    logger.info("resuming with changed config: %s", sorted(allowed))

@@ -55,9 +55,9 @@ __all__ = [
     "register_encoder",
     "register_source",
     "register_strategy",
-    "resume",
-    "run",
-    "sweep",
+    "resume",  # noqa: F822 - imported on first use (see __getattr__)
+    "run",  # noqa: F822
+    "sweep",  # noqa: F822
 ]
 
 

@@ -423,6 +423,23 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_gpu(args: argparse.Namespace) -> int:
+    """``umim bench gpu``: the GPU checks, one table; exit 0 iff all passed (see
+    :mod:`engine.bench.gpu`)."""
+    from engine.bench.common import machine, print_table
+    from engine.bench.gpu import CHECKS, bench_gpu
+
+    only = tuple(n.strip() for n in args.only.split(",") if n.strip()) if args.only else None
+    unknown = sorted(set(only or ()) - set(CHECKS))
+    if unknown:
+        raise UsageError(f"--only: unknown check(s) {unknown}; the checks: {','.join(CHECKS)}")
+    out = _call(bench_gpu, force_cpu=args.force_cpu, only=only, data_root=args.data_root,
+                cache_dir=args.cache_dir, env=("cache_dir",))
+    print_table("umim bench gpu", out["rows"], ["check", "result", "wall_s", "detail"],
+                args.json, {"passed": out["passed"], "mode": out["mode"], "machine": machine()})
+    return 0 if out["passed"] else 1
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     _require_run_dir(args.run_dir)
     from engine.records.report import write_report
@@ -608,6 +625,16 @@ def build_parser() -> argparse.ArgumentParser:
         _add_data_args(sub)
         _add_address(sub)
     bench.set_defaults(func=_cmd_bench)
+    gpu = command(bench_cmds, "gpu", "the GPU checks in one call: tests/gpu, packed actors, "
+                  "MIM + distillation, bench fedavg")
+    gpu.add_argument("--force-cpu", action="store_true",
+                     help="without CUDA: a tiny version of the checks on the CPU under bf16")
+    gpu.add_argument("--only", default=None, metavar="CHECKS",
+                     help="comma list of pytest,federated,mim-distill,bench-fedavg "
+                          "(default: all)")
+    gpu.add_argument("--json", action="store_true", help="print JSON")
+    _add_data_args(gpu)
+    gpu.set_defaults(func=_cmd_bench_gpu)
 
     report = command(commands, "report", "write report.md and plots for a run")
     report.add_argument("run_dir", help="the run directory (holds config.yaml)")

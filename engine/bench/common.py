@@ -12,6 +12,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+LEFT = ("method", "workers", "check", "result", "detail")
+"""Columns of words, aligned left (numbers align right)."""
+
 
 def machine() -> dict[str, Any]:
     """Facts about where the benchmark ran."""
@@ -33,7 +36,7 @@ def print_table(title: str, rows: Sequence[dict[str, Any]], columns: Sequence[st
     for col in columns:
         # long names wrap at their underscores instead of being cut to the same prefix
         table.add_column(col.replace("_", " "), overflow="fold",
-                         justify="left" if col in ("method", "workers") else "right")
+                         justify="left" if col in LEFT else "right")
     for row in rows:
         table.add_row(*[_fmt(row.get(c)) for c in columns])
     console = Console(width=max(Console().width, 130))

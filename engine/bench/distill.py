@@ -55,9 +55,10 @@ def _request(cfg: ExperimentConfig, steps: int, batch_size: int, workers: int) -
 
 def bench_distill(*, steps: int = 100, batch_size: int = 256, workers: tuple[int, ...] = (1, 2),
                   pool_size: int = 4000, model: dict[str, Any] | None = None,
-                  data_root: str | None = None, cache_dir: str | None = None
-                  ) -> dict[str, Any]:
-    """Time the single-process loop and Ray Train at each worker count."""
+                  data_root: str | None = None, cache_dir: str | None = None,
+                  precision: str = "auto") -> dict[str, Any]:
+    """Time the single-process loop and Ray Train at each worker count (the student's
+    forward pass as ``precision`` says, see :mod:`engine.nn.precision`)."""
     from engine.cluster.connect import connect
 
     cfg = resolve_paths(from_dict(ExperimentConfig, {
@@ -68,7 +69,7 @@ def bench_distill(*, steps: int = 100, batch_size: int = 256, workers: tuple[int
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     request = _request(cfg, steps, batch_size, 1)
     started = time.perf_counter()
-    job = DistillJob(request, cfg.model, load_pool(cfg.data), device)
+    job = DistillJob(request, cfg.model, load_pool(cfg.data), device, precision=precision)
     curve = job.run()
     wall = time.perf_counter() - started
     rows.append({"method": "single process", "workers": 1, "wall_s": wall,
@@ -79,8 +80,8 @@ def bench_distill(*, steps: int = 100, batch_size: int = 256, workers: tuple[int
         for n in workers:
             request = _request(cfg, steps, batch_size, n)
             started = time.perf_counter()
-            result = RayTrainDistiller(cfg.model, cfg.data, tmp,
-                                       scaling=_scaling(n)).distil(request)
+            result = RayTrainDistiller(cfg.model, cfg.data, tmp, scaling=_scaling(n),
+                                       precision=precision).distil(request)
             wall = time.perf_counter() - started
             train_s = result.curve[-1]["elapsed_s"]
             rows.append({"method": "Ray Train", "workers": n, "wall_s": wall,
@@ -90,4 +91,4 @@ def bench_distill(*, steps: int = 100, batch_size: int = 256, workers: tuple[int
         row["throughput_vs_single"] = row["samples_per_s"] / base
     return {"rows": rows, "workload": {"steps": steps, "batch_size": batch_size,
                                        "teachers": len(MISSION_DOMAINS), "pool": pool_size,
-                                       "model": to_dict(cfg.model)}}
+                                       "model": to_dict(cfg.model), "precision": precision}}

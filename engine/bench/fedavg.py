@@ -13,7 +13,8 @@
 5. ``ceiling``: the device's throughput ceiling for this model: one process, one model,
    every client's training images as one set, batch 2048, channels-last, and bf16 autocast
    and ``torch.compile`` on CUDA (float32 eager on CPU, where compiling was slower: 17.4
-   vs 20.4 samples/s per thread, after 46-75 s of compiling);
+   vs 20.4 samples/s per thread, after 46-75 s of compiling); autocast as
+   ``train.precision`` says, like every method (:mod:`engine.nn.precision`);
    it trains the same number of samples but is not federated, so it is timed, not scored.
 
 Reference workload: PneumoniaMNIST split IID over the clients, MONAI ResNet-18 adapted to
@@ -68,6 +69,7 @@ class FedAvgWorkload:
     gpus_per_actor: float | None = None
     lr: float = 0.01
     seed: int = 0
+    precision: str = "auto"
 
     def config(self, data_root: str | None, cache_dir: str | None) -> ExperimentConfig:
         """The experiment every method runs."""
@@ -86,7 +88,7 @@ class FedAvgWorkload:
                       "num_heads": 2},
             "train": {"local_epochs": self.local_epochs, "batch_size": self.batch_size,
                       "lr": self.lr, "optimizer": "sgd", "momentum": 0.9,
-                      "weight_decay": 0.0},
+                      "weight_decay": 0.0, "precision": self.precision},
             "clients": {"num_actors": actors, "num_cpus": float(cpus),
                         "num_gpus": float(gpus)},
             "strategy": {"name": "fedavg", "rounds": self.rounds},
@@ -141,6 +143,7 @@ def run_ceiling(cfg: ExperimentConfig, shards: Sequence[Shard], samples: int,
     untimed warm-up steps that compile)."""
     from engine.fl.client import pick_device
     from engine.nn.models import build_model
+    from engine.nn.precision import autocast
 
     device = pick_device()
     gpu = device.type == "cuda"
@@ -159,7 +162,7 @@ def run_ceiling(cfg: ExperimentConfig, shards: Sequence[Shard], samples: int,
 
     def step() -> None:
         idx = torch.randint(len(x), (batch,), generator=generator).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
+        with autocast(cfg.train.precision, device):
             logits = forward(x[idx], DOMAIN)
         loss = F.cross_entropy(logits.float(), y[idx])  # PneumoniaMNIST: binary
         optimizer.zero_grad(set_to_none=True)

@@ -14,9 +14,10 @@ What a Flower user would otherwise pick, kept faithful to that template:
 
 For a fair comparison it trains exactly what the engine's client of the same id trains: the
 same subsample of the partition, the same model, loss, optimiser and seeds, and the same
-batches (the ``DataLoader``'s batch sampler is the engine client's permutation), with bf16
-autocast on CUDA like the engine. It differs in what the engine does for speed: data and
-model resident on the device, normalised once, channels-last.
+batches (the ``DataLoader``'s batch sampler is the engine client's permutation), with the
+autocast of ``train.precision`` like the engine (:mod:`engine.nn.precision`). It differs in
+what the engine does for speed: data and model resident on the device, normalised once,
+channels-last.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from engine.bench.fedavg import train_shards
 from engine.config import ExperimentConfig
 from engine.fl.client import ClientSpec, derive_seed, epoch_batches, pick_device
 from engine.nn.models import build_model
+from engine.nn.precision import autocast
 
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", category=DeprecationWarning, module="typer")
@@ -64,7 +66,6 @@ def make_tutorial_app(cfg: ExperimentConfig, specs: list[ClientSpec], domain: st
     """The Flower quickstart-style ``ClientApp`` for the bench's clients (``specs``)."""
     partitions: dict[int, PartitionDataset] = {}  # per process, like flwr-datasets' cache
     device = pick_device()
-    bf16 = device.type == "cuda" and cfg.train.precision in ("auto", "bf16")
 
     def load_data(pid: int) -> PartitionDataset:
         if pid not in partitions:
@@ -98,7 +99,7 @@ def make_tutorial_app(cfg: ExperimentConfig, specs: list[ClientSpec], domain: st
                        epoch_batches(len(dataset), cfg.train.batch_size, generator)]
             for x, y in DataLoader(dataset, batch_sampler=batches):
                 x, y = x.to(device), y.to(device)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                with autocast(cfg.train.precision, device):
                     logits = net(x, domain)
                 loss = F.cross_entropy(logits.float(), y)
                 optimizer.zero_grad(set_to_none=True)

@@ -32,6 +32,7 @@ from engine.data.prepare import ShardRecipe
 from engine.data.shards import Shard, read_shard
 from engine.nn.metrics import auc_acc, scores_from_logits
 from engine.nn.models import MultiHeadNet, build_model
+from engine.nn.precision import autocast, autocast_dtype
 from strategies.state import is_head_key
 from strategies.types import ClientInfo, EvaluateIns, EvaluateRes, FitIns, FitRes, State
 
@@ -149,10 +150,9 @@ class Client:
                 self.data[domain][split] = _Split(x.to(self.device), y.to(self.device))
                 self.tasks[domain] = shard.meta.task
                 self.num_classes[domain] = shard.meta.num_classes
-        self.use_bf16 = self.device.type == "cuda" and train.precision in ("auto", "bf16")
-        if train.precision == "bf16" and self.device.type != "cuda":
-            logger.warning("%s: bf16 requested on %s; training in float32", self.cid,
-                           self.device)
+        # train.precision, by the one rule of engine.nn.precision (bf16 on a CPU is real)
+        self.autocast_dtype = autocast_dtype(train.precision, self.device)
+        self.use_bf16 = self.autocast_dtype == torch.bfloat16
         key = tuple(sorted(self.num_classes.items()))
         shared = models.get(key) if models is not None else None
         if shared is None:
@@ -269,7 +269,7 @@ class Client:
             split = self.data[domain]["train"]
             idx = idx.to(self.device)
             x, y = split.x[idx], split.y[idx]
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
+            with autocast(self.train_cfg.precision, self.device):
                 logits = self.model(x, domain)
             loss = self._loss(logits, y, domain)
             if anchor is not None:
@@ -290,7 +290,7 @@ class Client:
         data = self.data[domain][split]
         out = []
         for i in range(0, len(data.y), 1024):
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
+            with autocast(self.train_cfg.precision, self.device):
                 out.append(self.model(data.x[i:i + 1024], domain).float())
         return torch.cat(out) if out else torch.zeros(0, self.num_classes[domain])
 

@@ -110,7 +110,8 @@ class Session:
             from engine.train.mim import pretrained_base
 
             self.base, self.base_info = pretrained_base(self.cfg.model, self.cfg.pretrain,
-                                                        self.cfg.data, self.cfg.seed)
+                                                        self.cfg.data, self.cfg.seed,
+                                                        precision=self.cfg.train.precision)
             self.base_info["method"] = "mim"
         else:
             self.base, self.base_info = initial_encoder(self.cfg), {"method": "none"}
@@ -123,7 +124,8 @@ class Session:
         """A Ray Train distiller writing its checkpoints under ``<run dir>/train``
         (``callbacks``: request -> Ray Train callbacks, see ``RayTrainDistiller``)."""
         return RayTrainDistiller(self.cfg.model, self.cfg.data, f"{storage.uri}/train",
-                                 scaling=self.cfg.distill.scaling(), callbacks=callbacks)
+                                 scaling=self.cfg.distill.scaling(), callbacks=callbacks,
+                                 precision=self.cfg.train.precision)
 
     def shutdown(self) -> None:
         """Stop the client actors."""

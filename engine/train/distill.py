@@ -4,7 +4,10 @@ The trainer receives the teachers as weights (never client data), the student's 
 weights and the previous global model; it trains the student on the server's unlabelled
 pool with the objective of :mod:`strategies.distill` (DDP over ``distill.num_workers``), and
 stops on a label-free signal: student/teacher agreement on a held-out slice of the pool.
-The best student so far is reported as a checkpoint after every evaluation.
+The best student so far is reported as a checkpoint after every evaluation. The student's
+forward pass runs as ``train.precision`` says (:mod:`engine.nn.precision`); the frozen
+teachers run in float32. A head that no teacher trained and no previous global model
+holds, and a student with NaN or Inf tensors, are errors, never results.
 """
 
 from __future__ import annotations
@@ -20,9 +23,12 @@ import torch
 from torch import nn
 
 from engine.config import DataConfig, ModelConfig, TrainScaling
+from engine.fl.simulation import RunError
 from engine.nn.models import MultiHeadNet, build_model
+from engine.nn.precision import autocast, autocast_dtype
 from engine.train.launch import fit_trainer, load_checkpoint_state, report, unwrap
 from engine.train.mim import load_pool
+from strategies.aggregate import nonfinite_keys
 from strategies.distill import (
     LOSS_NAMES,
     DistillRequest,
@@ -42,6 +48,11 @@ CURVE_KEY = "_curve"
 CURVE_FIELDS = ("step", *LOSS_NAMES, "agreement", "best_agreement", "elapsed_s")
 """The columns of a distillation curve: the loss terms by name (see
 :data:`strategies.distill.LOSS_NAMES`) and the stopping signal."""
+
+
+class DistillError(RunError, ValueError):
+    """A distillation whose result would not be true: a head nobody trained, a student with
+    NaN or Inf tensors, or no student at all. The run stops (``umim``: a one-line run error)."""
 
 
 class Student(nn.Module):
@@ -120,7 +131,39 @@ def _rows(targets: dict[str, Any], rows: slice) -> dict[str, Any]:
             for name, by_domain in targets.items()}
 
 
+def untrained_heads(request: DistillRequest) -> list[str]:
+    """The heads of ``request`` that nothing trained: no head in the student's start (the
+    previous global model) and no teacher of that domain this round."""
+    taught = {t.domain for t in request.teachers}
+    return sorted(d for d in request.heads
+                  if d not in taught and not head_of(request.student, d))
+
+
+def check_heads(request: DistillRequest) -> None:
+    """Raise :class:`DistillError` (a ``ValueError``) naming every head nobody trained (see
+    :func:`untrained_heads`): it would be exported and evaluated as if real while it is a
+    random initialisation."""
+    missing = untrained_heads(request)
+    if missing:
+        where = f" {request.tag}" if request.tag else ""
+        raise DistillError(f"distillation{where}: head(s) {missing} have no previous global "
+                           "head and no teacher this round (did every client of those domains "
+                           "fail?); a head nobody trained is never exported")
+
+
+def check_finite(state: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+    """``state`` itself, or :class:`DistillError` naming its NaN / Inf tensors (``what``:
+    the state, in the message)."""
+    bad = nonfinite_keys(state)
+    if bad:
+        shown = ", ".join(bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
+        raise DistillError(f"{what} has non-finite (NaN or Inf) tensors: {shown}; "
+                           "lower distill.lr or check the teachers")
+    return state
+
+
 def _student(request: DistillRequest, model_cfg: ModelConfig, taught: list[str]) -> Student:
+    check_heads(request)
     heads = {d: n for d, (_, n) in request.heads.items()}
     net = build_model(model_cfg, heads)
     own = net.state_dict()
@@ -129,10 +172,6 @@ def _student(request: DistillRequest, model_cfg: ModelConfig, taught: list[str])
         if head_of(init, domain):
             continue
         teachers = [t for t in request.teachers if t.domain == domain]
-        if not teachers:
-            logger.warning("head %s has no previous global head and no teacher this round: "
-                           "it keeps its random initialisation", domain)
-            continue
         for key in head_of(own, domain):
             init[key] = torch.stack([t.state[key].float() for t in teachers]).mean(0)
     missing = [k for k in own if k not in init and not is_head_key(k)]
@@ -163,11 +202,15 @@ class DistillJob:
         This worker and the number of workers.
     wrap
         Wraps the student for data parallelism (Ray Train's ``prepare_model``).
+    precision
+        ``train.precision`` of the experiment: the student's forward pass in training
+        (:func:`engine.nn.precision.autocast_dtype`).
     """
 
     def __init__(self, request: DistillRequest, model_cfg: ModelConfig, x: torch.Tensor,
                  device: torch.device, *, rank: int = 0, world: int = 1,
-                 wrap: Callable[[nn.Module], nn.Module] | None = None) -> None:
+                 wrap: Callable[[nn.Module], nn.Module] | None = None,
+                 precision: str = "auto") -> None:
         s = self.settings = request.settings
         torch.manual_seed(request.seed + rank)
         order = np.random.default_rng(request.seed).permutation(len(x))
@@ -193,7 +236,8 @@ class DistillJob:
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer,
                                                                     T_max=s.steps)
         self.generator = torch.Generator().manual_seed(request.seed + 1000 * rank)
-        self.use_bf16 = device.type == "cuda"
+        self.precision = precision
+        self.use_bf16 = autocast_dtype(precision, device) == torch.bfloat16
 
     def step(self) -> dict[str, float]:
         """One optimiser step on a random batch; returns every named loss value
@@ -202,7 +246,7 @@ class DistillJob:
         idx = torch.randint(len(self.x_train), (min(s.batch_size, len(self.x_train)),),
                             generator=self.generator)
         xb = self.x_train[idx].to(self.device)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
+        with autocast(self.precision, self.device):
             _, logits, projected = self.module(xb)
         idx_d = idx.to(self.device)
         terms = distillation_loss(
@@ -295,7 +339,8 @@ def distill_loop(config: dict[str, Any]) -> None:
     job = DistillJob(config["request"], config["model"], load_pool(config["data"]),
                      ray.train.torch.get_device(), rank=ctx.get_world_rank(), world=world,
                      wrap=lambda m: ray.train.torch.prepare_model(
-                         m, parallel_strategy_kwargs=kwargs))
+                         m, parallel_strategy_kwargs=kwargs),
+                     precision=str(config.get("precision", "auto")))
     job.run(lambda row, stop, payload: report({**row, "stopped": float(stop)}, payload))
 
 
@@ -315,31 +360,51 @@ class RayTrainDistiller(DistillService):
     callbacks
         Makes the Ray Train callbacks of each request (e.g. Tune's ``TuneReportCallback``,
         so a Tune scheduler sees the distillation's intermediate results).
+    precision
+        The experiment's ``train.precision`` (:mod:`engine.nn.precision`).
     """
 
     def __init__(self, model: ModelConfig, data: DataConfig, storage_path: str, *,
                  scaling: TrainScaling | None = None,
-                 callbacks: Callable[[DistillRequest], list[Any]] | None = None) -> None:
+                 callbacks: Callable[[DistillRequest], list[Any]] | None = None,
+                 precision: str = "auto") -> None:
+        autocast_dtype(precision, "cpu")  # a bad name fails here, not in a Train worker
         self.model = model
         self.data = data
         self.storage_path = storage_path
         self.scaling = scaling or TrainScaling()
         self.callbacks = callbacks
+        self.precision = precision
 
     def distil(self, request: DistillRequest) -> DistillResult:
+        """Distil ``request`` on a ``TorchTrainer``; the student must come back finite.
+
+        Raises
+        ------
+        ValueError
+            No teacher.
+        DistillError
+            A head that nobody trained (:func:`check_heads`), a distilled student with NaN
+            or Inf tensors (:func:`check_finite`), or no student reported at all.
+        """
         s = self.scaling
         if not request.teachers:
             raise ValueError("distillation needs at least one teacher")
+        check_heads(request)
         result = fit_trainer(distill_loop, {"request": request, "model": self.model,
-                                            "data": self.data},
+                                            "data": self.data, "precision": self.precision},
                              num_workers=s.num_workers, use_gpu=s.use_gpu,
                              storage_path=self.storage_path, name=request.tag,
                              knob="distill",
                              callbacks=self.callbacks(request) if self.callbacks else None,
                              cpus_per_worker=s.cpus_per_worker,
                              gpus_per_worker=s.gpus_per_worker)
+        if result.checkpoint is None:
+            raise DistillError(f"distillation {request.tag}: the job reported no student (its "
+                               "agreement was never a number: a non-finite student?)")
         state = load_checkpoint_state(result.checkpoint)
         table = state.pop(CURVE_KEY)
+        check_finite(state, f"the student distilled by {request.tag}")
         curve = [dict(zip(CURVE_FIELDS, map(float, row), strict=True)) for row in table.tolist()]
         final = curve[-1]
         metrics = {"distill_steps": final["step"], "distill_agreement": final["best_agreement"],

@@ -3,7 +3,8 @@
 MONAI's ``MaskedAutoEncoderViT`` is trained on Ray Train (DDP) with the encoder sizes of
 ``model``; its encoder weights are then renamed into the keys of the umim ViT encoder. A
 base is cached under ``<cache_dir>/bases/<fingerprint>/`` and reused by every experiment
-with the same settings and pool.
+with the same settings and pool. The forward pass runs as ``train.precision`` says
+(:mod:`engine.nn.precision`), and every DDP rank runs the same number of steps.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from engine.config import DataConfig, ModelConfig, PretrainConfig, TrainScaling, to_dict
 from engine.data.shards import read_shard
 from engine.data.unify import UNIFIED_CHANNELS, UNIFIED_SIZE
+from engine.nn.precision import autocast
 from engine.records.storage import write_atomic
 from engine.train.launch import fit_trainer, load_checkpoint_state, report, unwrap
 from strategies.state import encoder_key
@@ -31,13 +33,24 @@ logger = logging.getLogger(__name__)
 CURVE_KEY = "_curve"
 
 
+def _as_float32(module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+    """Forward hook: the module's output in float32 (a no-op when it already is)."""
+    return output.float()
+
+
 def build_mae(model: ModelConfig, pretrain: PretrainConfig) -> torch.nn.Module:
-    """MONAI ``MaskedAutoEncoderViT`` whose encoder matches :class:`engine.nn.models.ViTEncoder`."""
+    """MONAI ``MaskedAutoEncoderViT`` whose encoder matches :class:`engine.nn.models.ViTEncoder`.
+
+    MONAI's forward writes the decoder's visible tokens into a float32 tensor of mask
+    tokens (an index put, which needs equal dtypes); under bf16 autocast ``decoder_embed``
+    returns bf16. A forward hook hands its output back in float32, so the MAE trains under
+    autocast with its state-dict keys unchanged (the decoder blocks autocast again).
+    """
     from monai.networks.nets import MaskedAutoEncoderViT
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.meshgrid", category=UserWarning)
-        return MaskedAutoEncoderViT(
+        mae = MaskedAutoEncoderViT(
             in_channels=UNIFIED_CHANNELS, img_size=UNIFIED_SIZE, patch_size=model.patch_size,
             hidden_size=model.hidden_size, mlp_dim=model.mlp_dim, num_layers=model.num_layers,
             num_heads=model.num_heads, masking_ratio=pretrain.mask_ratio,
@@ -46,6 +59,8 @@ def build_mae(model: ModelConfig, pretrain: PretrainConfig) -> torch.nn.Module:
             decoder_num_layers=pretrain.decoder_num_layers,
             decoder_num_heads=pretrain.decoder_num_heads, pos_embed_type="sincos",
             decoder_pos_embed_type="sincos", dropout_rate=model.dropout, spatial_dims=2)
+    mae.decoder_embed.register_forward_hook(_as_float32)
+    return mae
 
 
 def mae_to_encoder(state: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
@@ -87,46 +102,79 @@ def load_pool(data: DataConfig) -> torch.Tensor:
     return x
 
 
+def steps_per_epoch(pool_size: int, world: int, batch_size: int) -> int:
+    """MIM steps per epoch, the same on every one of ``world`` DDP ranks.
+
+    Rank ``r`` trains on ``pool[r::world]``, whose length differs by one across ranks; the
+    steps come from the smallest shard (``pool_size // world``), so no rank waits for ever
+    in an all-reduce the others never join. At least one step.
+
+    Raises
+    ------
+    ValueError
+        When the pool has fewer images than there are ranks (a rank would have none).
+    """
+    if pool_size < world:
+        raise ValueError(f"the pool has {pool_size} images, fewer than the {world} MIM "
+                         "workers (pretrain.num_workers)")
+    return max(1, (pool_size // world) // batch_size)
+
+
+def mae_loss(mae: torch.nn.Module, batch: torch.Tensor, patch_size: int, precision: str
+             ) -> torch.Tensor:
+    """The MAE objective on one batch: mean squared error of the per-patch normalised pixels
+    over the masked patches (the forward pass under ``precision``)."""
+    target = patchify(batch, patch_size)
+    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True)
+                                                         + 1e-6).sqrt()
+    with autocast(precision, batch.device):
+        pred, mask = mae(batch)
+    per_patch = ((pred.float() - target) ** 2).mean(dim=-1)
+    return (per_patch * mask).sum() / mask.sum()
+
+
+def mim_step(mae: torch.nn.Module, batch: torch.Tensor, patch_size: int,
+             optimizer: torch.optim.Optimizer, scheduler: Any, precision: str) -> float:
+    """One optimiser (and schedule) step of the MAE on ``batch``; returns the loss."""
+    loss = mae_loss(mae, batch, patch_size, precision)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    return float(loss.detach())
+
+
 def mim_loop(config: dict[str, Any]) -> None:
-    """Per-worker MAE training (Ray Train)."""
+    """Per-worker MAE training (Ray Train); ``config["precision"]`` is ``train.precision``."""
     import ray.train
     import ray.train.torch
 
     model_cfg: ModelConfig = config["model"]
     cfg: PretrainConfig = config["pretrain"]
+    precision = str(config.get("precision", "auto"))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(config["seed"] + rank)
-    x = load_pool(config["data"])[rank::world]
+    pool = load_pool(config["data"])
+    steps = steps_per_epoch(len(pool), world, cfg.batch_size)
+    x = pool[rank::world]
     mae = ray.train.torch.prepare_model(build_mae(model_cfg, cfg))
     optimizer = torch.optim.AdamW(mae.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
                                   weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(config["seed"] + rank)
-    steps_per_epoch = max(1, len(x) // cfg.batch_size)
-    total = cfg.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total,
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr,
+                                                    total_steps=cfg.epochs * steps,
                                                     pct_start=0.1)
-    use_bf16 = device.type == "cuda"
     curve: list[float] = []
     for epoch in range(cfg.epochs):
         mae.train()
         order = torch.randperm(len(x), generator=generator)
         losses = []
-        for step in range(steps_per_epoch):
+        for step in range(steps):
             batch = x[order[step * cfg.batch_size:(step + 1) * cfg.batch_size]].to(device)
-            target = patchify(batch, model_cfg.patch_size)
-            target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True)
-                                                                 + 1e-6).sqrt()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                pred, mask = mae(batch)
-            per_patch = ((pred.float() - target) ** 2).mean(dim=-1)
-            loss = (per_patch * mask).sum() / mask.sum()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            losses.append(float(loss.detach()))
+            losses.append(mim_step(mae, batch, model_cfg.patch_size, optimizer, scheduler,
+                                   precision))
         curve.append(float(np.mean(losses)))
         state = None
         if epoch == cfg.epochs - 1:
@@ -136,11 +184,17 @@ def mim_loop(config: dict[str, Any]) -> None:
 
 
 def base_fingerprint(model: ModelConfig, pretrain: PretrainConfig, pool_path: Path,
-                     pool_size: int | None, seed: int) -> str:
+                     pool_size: int | None, seed: int, precision: str = "auto") -> str:
     """Identity of a base: its settings without how the job is spread over workers
-    (:class:`~engine.config.TrainScaling`), so one base serves every cluster shape."""
+    (:class:`~engine.config.TrainScaling`), so one base serves every cluster shape.
+
+    An explicit ``precision`` (``fp32`` or ``bf16``) is part of it; ``auto`` is not, so
+    every base made before precision was honoured keeps its identity.
+    """
     scaling = {f.name for f in fields(TrainScaling)}
     settings = {k: v for k, v in asdict(pretrain).items() if k not in scaling}
+    if precision != "auto":
+        settings["precision"] = precision
     network = to_dict(model)
     if not network["options"]:  # bases made before encoders took options keep their identity
         del network["options"]
@@ -149,10 +203,12 @@ def base_fingerprint(model: ModelConfig, pretrain: PretrainConfig, pool_path: Pa
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def pretrained_base(model: ModelConfig, pretrain: PretrainConfig, data: DataConfig, seed: int
+def pretrained_base(model: ModelConfig, pretrain: PretrainConfig, data: DataConfig, seed: int,
+                    *, precision: str = "auto"
                     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The MIM base encoder: from the cache, or trained now on Ray Train and cached.
 
+    ``precision`` is the experiment's ``train.precision`` (:mod:`engine.nn.precision`).
     Returns the encoder state (``encoder.*`` keys) and facts about it (loss curve, path).
     """
     from engine.fl.client import shard_builder
@@ -163,7 +219,7 @@ def pretrained_base(model: ModelConfig, pretrain: PretrainConfig, data: DataConf
     pool_path = builder.pool()
     cache_dir = builder.cache_dir
     folder = cache_dir / "bases" / base_fingerprint(model, pretrain, pool_path, data.pool_size,
-                                                    seed)
+                                                    seed, precision)
     weights, meta_file = folder / "encoder.pt", folder / "meta.json"
     if weights.exists() and meta_file.exists():
         logger.info("reusing the MIM base %s", folder)
@@ -171,7 +227,7 @@ def pretrained_base(model: ModelConfig, pretrain: PretrainConfig, data: DataConf
         return torch.load(weights, weights_only=True), {**meta, "cached": True}
     logger.info("pretraining the MIM base (%d epochs) into %s", pretrain.epochs, folder)
     result = fit_trainer(mim_loop, {"model": model, "pretrain": pretrain, "data": data,
-                                    "seed": seed},
+                                    "seed": seed, "precision": precision},
                          num_workers=pretrain.num_workers, use_gpu=pretrain.use_gpu,
                          storage_path=str(cache_dir / "bases" / "ray-train"),
                          name=folder.name, knob="pretrain",

@@ -1,0 +1,107 @@
+"""Crash safety of the whole universal pipeline: the driver is SIGKILLed at a random point
+inside each step (MIM pretraining, a stage's local training, a distillation, fine-tuning,
+leave-one-domain-out, a baseline), the run is resumed, and its final results equal those of
+an uninterrupted run."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from engine.run.study import resume
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
+REPO = Path(__file__).resolve().parents[2]
+PIPELINE = [
+    "data.domains=[breast,pneumonia,ct-region]", "data.max_train_samples=64",
+    "data.max_eval_samples=32", "data.pool_size=300", "pretrain.epochs=1",
+    "pretrain.batch_size=64", "strategy.local_epochs=1", "distill.steps=20",
+    "distill.eval_every=10", "evaluation.finetune_epochs=1", "evaluation.seeds=[0]",
+    "evaluation.lodo_domains=[breast]", "evaluation.baselines=[fedavg]",
+    "evaluation.baseline_rounds=2", "train.local_epochs=1",
+]
+COMPARED = ("domains", "methods", "comparisons", "claim", "mean_test_auc")
+
+# step -> (a file whose appearance says the step is under way, relative to the run dir or,
+# with the "cache:" prefix, to the cache dir)
+STEPS: dict[str, str] = {
+    "pretrain": "cache:bases/ray-train",
+    "stage": "checkpoints/round-0001/COMPLETE",      # round 2: the second stage's training
+    "distil": "train/distill-round-0002",
+    "finetune": "progress/main.done",
+    "lodo": "progress/finetune.done",
+    "baseline": "baselines/fedavg-seed0/checkpoints/round-0001/COMPLETE",  # in round 2
+}
+DELAY_S = {"baseline": 0.2}  # the longest random delay after the marker (default 1.5 s)
+
+
+def _cli(run_dir: Path, cache: Path, data_root: Path) -> list[str]:
+    return [sys.executable, "-m", "engine.cli", "run", str(REPO / "experiments" /
+                                                          "quickstart.yaml"),
+            *PIPELINE, f"data.cache_dir={cache}", "--out", str(run_dir), "--data-root",
+            str(data_root), "--quiet"]
+
+
+def _fresh_cache(shard_cache: Path, folder: Path) -> Path:
+    """A cache holding the session's shards but no MIM base (so pretraining runs)."""
+    folder.mkdir(parents=True)
+    if (shard_cache / "shards").exists():
+        shutil.copytree(shard_cache / "shards", folder / "shards")
+    return folder
+
+
+def _kill_when(proc: subprocess.Popen, ready: Callable[[], bool], delay: float,
+               timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready():
+            assert proc.poll() is None, "the run ended before the step began"
+            assert time.monotonic() < deadline, "the step did not begin in time"
+            time.sleep(0.05)
+        time.sleep(delay)
+        assert proc.poll() is None, "the run ended before the kill"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever Ray left of that session
+
+
+def _summary(run_dir: Path) -> dict:
+    data = json.loads((run_dir / "summary.json").read_text())
+    return {k: data[k] for k in COMPARED}
+
+
+def test_sigkill_in_every_step_then_resume_gives_the_same_results(
+        tmp_path: Path, data_root: Path, shard_cache: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    reference = tmp_path / "reference"
+    cache = _fresh_cache(shard_cache, tmp_path / "cache-ref")
+    subprocess.run(_cli(reference, cache, data_root), env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=900)
+    expected = _summary(reference)
+    rng = random.Random(0)
+    only = os.environ.get("UMIM_CRASH_STEPS")  # e.g. "distil,baseline" while debugging
+    for step, marker in STEPS.items():
+        if only and step not in only.split(","):
+            continue
+        run_dir, cache = tmp_path / step, _fresh_cache(shard_cache, tmp_path / f"cache-{step}")
+        target = cache / marker[6:] if marker.startswith("cache:") else run_dir / marker
+        proc = subprocess.Popen(_cli(run_dir, cache, data_root), env=env,
+                                start_new_session=True, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        _kill_when(proc, target.exists, delay=rng.uniform(0.0, DELAY_S.get(step, 1.5)))
+        assert not (run_dir / "progress" / "baseline-fedavg-seed0.done").exists(), step
+        resume(run_dir, data_root=str(data_root), quiet=True)
+        assert _summary(run_dir) == expected, f"killed in {step}: results differ"

@@ -39,6 +39,16 @@ class Storage:
     ----------
     uri
         A local path or a URI pyarrow resolves (``file://``, ``s3://``, ``gs://``, ...).
+
+    Notes
+    -----
+    An ``s3://`` run directory is reached as pyarrow's S3 client is configured: by
+    ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` (or a profile or instance role),
+    ``AWS_DEFAULT_REGION``, and ``AWS_ENDPOINT_URL`` for an S3-compatible server (MinIO,
+    Ceph, ...; e.g. ``http://host:9000``). With a remote run directory, everything a
+    multi-node run writes goes there (the MIM base, Ray Train's checkpoints, see
+    :func:`engine.train.launch.train_storage`); the endpoint travels with the filesystem
+    to Ray's workers, credentials do not: every node needs its own.
     """
 
     def __init__(self, uri: str | os.PathLike[str]) -> None:

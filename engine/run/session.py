@@ -84,11 +84,16 @@ class Session:
         declares ``pooled``).
     observers
         See every object the client actors send back (see :class:`~engine.cluster.pool.ActorPool`).
+    storage
+        The run directory. When it is remote (``s3://...``), the MIM base is kept there
+        (``<run dir>/base/``) instead of in the local cache (see
+        :func:`~engine.train.mim.pretrained_base`).
     """
 
     def __init__(self, cfg: ExperimentConfig, *, pooled: bool | None = None,
-                 observers: Sequence[Any] = ()) -> None:
+                 observers: Sequence[Any] = (), storage: Storage | None = None) -> None:
         self.cfg = cfg
+        self.storage = storage
         self.pooled = cfg.needs_pooled_client if pooled is None else pooled
         self.observers = list(observers)
         self.actors: Any = None
@@ -111,7 +116,8 @@ class Session:
 
             self.base, self.base_info = pretrained_base(self.cfg.model, self.cfg.pretrain,
                                                         self.cfg.data, self.cfg.seed,
-                                                        precision=self.cfg.train.precision)
+                                                        precision=self.cfg.train.precision,
+                                                        run=self.storage)
             self.base_info["method"] = "mim"
         else:
             self.base, self.base_info = initial_encoder(self.cfg), {"method": "none"}
@@ -121,8 +127,9 @@ class Session:
         return self
 
     def distiller(self, storage: Storage, callbacks: Any = None) -> RayTrainDistiller:
-        """A Ray Train distiller writing its checkpoints under ``<run dir>/train``
-        (``callbacks``: request -> Ray Train callbacks, see ``RayTrainDistiller``)."""
+        """A Ray Train distiller writing its checkpoints under ``<run dir>/train``, on the
+        run directory's filesystem (``s3://...`` too; ``callbacks``: request -> Ray Train
+        callbacks, see ``RayTrainDistiller``)."""
         return RayTrainDistiller(self.cfg.model, self.cfg.data, f"{storage.uri}/train",
                                  scaling=self.cfg.distill.scaling(), callbacks=callbacks,
                                  precision=self.cfg.train.precision)

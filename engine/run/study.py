@@ -85,7 +85,7 @@ class Study:
     def session(self) -> Session:
         """The experiment's session (started: Ray, shards, base encoder, client actors)."""
         observers = [cb.on_client_message for cb in self.callbacks]
-        return Session(self.cfg, observers=observers).start()
+        return Session(self.cfg, observers=observers, storage=self.storage).start()
 
     def execute(self, session: Session) -> RunResult:
         """Run every step not yet done; return the main run's result with the full summary."""

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import torch
 
 from engine.cluster.resources import ResourceError
@@ -70,7 +71,8 @@ def fit_trainer(loop: Callable[[dict[str, Any]], None], config: Mapping[str, Any
         Scaling: ``cpus_per_worker`` CPUs per worker, plus ``gpus_per_worker`` GPUs each
         when ``use_gpu`` (fractions share a CPU or GPU with the client actors).
     storage_path, name
-        Where Ray Train keeps the job's checkpoints.
+        Where Ray Train keeps the job's checkpoints: a local folder, or a URI such as
+        ``s3://bucket/run/train`` (see :func:`train_storage`).
     knob
         Config section named in resource errors (``distill`` or ``pretrain``).
     callbacks
@@ -82,13 +84,15 @@ def fit_trainer(loop: Callable[[dict[str, Any]], None], config: Mapping[str, Any
     check_train_resources(num_workers, use_gpu, knob=knob, cpus_per_worker=cpus_per_worker,
                           gpus_per_worker=gpus_per_worker)
     resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if use_gpu else {})}
+    path, filesystem = train_storage(storage_path)
     trainer = TorchTrainer(
         _with_threads(loop, max(1, int(cpus_per_worker))),
         train_loop_config={**config, PLUGINS_KEY: Plugins.capture() or None},
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=storage_path, callbacks=callbacks or [],
+            name=name, storage_path=path, storage_filesystem=filesystem,
+            callbacks=callbacks or [],
             failure_config=ray.train.FailureConfig(max_failures=0),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=1)))  # the latest checkpoint
@@ -96,6 +100,22 @@ def fit_trainer(loop: Callable[[dict[str, Any]], None], config: Mapping[str, Any
     if result.error is not None:
         raise RuntimeError(f"{knob} job {name} failed: {result.error}") from result.error
     return result
+
+
+def train_storage(storage_path: str) -> tuple[str, pafs.FileSystem | None]:
+    """Ray Train's ``storage_path`` and ``storage_filesystem`` for ``storage_path``.
+
+    A local folder is passed on as it is (no filesystem). A URI (``s3://...``) is resolved
+    here, in the driver, into a pyarrow filesystem and the path on it: the filesystem
+    travels to Ray Train's controller and workers with its endpoint
+    (``AWS_ENDPOINT_URL`` of the driver), so they write where the driver reads.
+    Credentials are not carried: every node resolves its own (``AWS_ACCESS_KEY_ID`` /
+    ``AWS_SECRET_ACCESS_KEY``, an instance role, ...).
+    """
+    if "://" not in storage_path:
+        return storage_path, None
+    filesystem, path = pafs.FileSystem.from_uri(storage_path)
+    return path, filesystem
 
 
 def _with_threads(loop: Callable[[dict[str, Any]], None], threads: int

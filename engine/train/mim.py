@@ -3,7 +3,9 @@
 MONAI's ``MaskedAutoEncoderViT`` is trained on Ray Train (DDP) with the encoder sizes of
 ``model``; its encoder weights are then renamed into the keys of the umim ViT encoder. A
 base is cached under ``<cache_dir>/bases/<fingerprint>/`` and reused by every experiment
-with the same settings and pool. The forward pass runs as ``train.precision`` says
+with the same settings and pool; a run whose directory is remote (``s3://...``) keeps its
+base in ``<run dir>/base/`` and its Train job in ``<run dir>/train/`` instead, where every
+node reads them. The forward pass runs as ``train.precision`` says
 (:mod:`engine.nn.precision`), and every DDP rank runs the same number of steps.
 """
 
@@ -25,7 +27,7 @@ from engine.config import DataConfig, ModelConfig, PretrainConfig, TrainScaling,
 from engine.data.shards import read_shard
 from engine.data.unify import UNIFIED_CHANNELS, UNIFIED_SIZE
 from engine.nn.precision import autocast
-from engine.records.storage import write_atomic
+from engine.records.storage import Storage
 from engine.train.launch import fit_trainer, load_checkpoint_state, report, unwrap
 from strategies.state import encoder_key
 
@@ -159,7 +161,11 @@ def mim_loop(config: dict[str, Any]) -> None:
     pool = load_pool(config["data"])
     steps = steps_per_epoch(len(pool), world, cfg.batch_size)
     x = pool[rank::world]
-    mae = ray.train.torch.prepare_model(build_mae(model_cfg, cfg))
+    # MONAI's MAE has parameters no loss reaches (e.g. its classification token's path), so
+    # DDP over several workers must look for unused ones (found by the two-node Train test)
+    kwargs = {"find_unused_parameters": True} if world > 1 else None
+    mae = ray.train.torch.prepare_model(build_mae(model_cfg, cfg),
+                                        parallel_strategy_kwargs=kwargs)
     optimizer = torch.optim.AdamW(mae.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
                                   weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(config["seed"] + rank)
@@ -204,12 +210,26 @@ def base_fingerprint(model: ModelConfig, pretrain: PretrainConfig, pool_path: Pa
 
 
 def pretrained_base(model: ModelConfig, pretrain: PretrainConfig, data: DataConfig, seed: int,
-                    *, precision: str = "auto"
+                    *, precision: str = "auto", run: Storage | None = None
                     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The MIM base encoder: from the cache, or trained now on Ray Train and cached.
 
-    ``precision`` is the experiment's ``train.precision`` (:mod:`engine.nn.precision`).
-    Returns the encoder state (``encoder.*`` keys) and facts about it (loss curve, path).
+    Parameters
+    ----------
+    model, pretrain, data, seed
+        The base's settings (see :func:`base_fingerprint`).
+    precision
+        The experiment's ``train.precision`` (:mod:`engine.nn.precision`).
+    run
+        The run directory. When it is remote (``s3://...``) the base is kept in
+        ``<run>/base/`` (weights, then ``meta.json``) and its Train job writes under
+        ``<run>/train/mim-<fingerprint>``; otherwise (local, or ``None``) the base is
+        cached under ``<cache_dir>/bases/<fingerprint>/``.
+
+    Returns
+    -------
+    tuple
+        The encoder state (``encoder.*`` keys) and facts about it (loss curve, path).
     """
     from engine.fl.client import shard_builder
 
@@ -218,27 +238,34 @@ def pretrained_base(model: ModelConfig, pretrain: PretrainConfig, data: DataConf
     builder = shard_builder(data)
     pool_path = builder.pool()
     cache_dir = builder.cache_dir
-    folder = cache_dir / "bases" / base_fingerprint(model, pretrain, pool_path, data.pool_size,
-                                                    seed, precision)
-    weights, meta_file = folder / "encoder.pt", folder / "meta.json"
-    if weights.exists() and meta_file.exists():
-        logger.info("reusing the MIM base %s", folder)
-        meta = json.loads(meta_file.read_text())
-        return torch.load(weights, weights_only=True), {**meta, "cached": True}
-    logger.info("pretraining the MIM base (%d epochs) into %s", pretrain.epochs, folder)
+    fingerprint = base_fingerprint(model, pretrain, pool_path, data.pool_size, seed, precision)
+    if run is not None and not run.is_local:
+        store, rel, where = run, "base", f"{run.uri}/base"
+        train_path, train_name = f"{run.uri}/train", f"mim-{fingerprint}"
+    else:
+        folder = cache_dir / "bases" / fingerprint
+        store, rel, where = Storage(folder.parent), fingerprint, str(folder)
+        train_path, train_name = str(cache_dir / "bases" / "ray-train"), fingerprint
+    weights, meta_file = f"{rel}/encoder.pt", f"{rel}/meta.json"
+    if store.exists(weights) and store.exists(meta_file):
+        meta = json.loads(store.read_text(meta_file))
+        if meta.get("fingerprint") == fingerprint:
+            logger.info("reusing the MIM base %s", where)
+            state = torch.load(io.BytesIO(store.read_bytes(weights)), weights_only=True)
+            return state, {**meta, "cached": True}
+    logger.info("pretraining the MIM base (%d epochs) into %s", pretrain.epochs, where)
     result = fit_trainer(mim_loop, {"model": model, "pretrain": pretrain, "data": data,
                                     "seed": seed, "precision": precision},
                          num_workers=pretrain.num_workers, use_gpu=pretrain.use_gpu,
-                         storage_path=str(cache_dir / "bases" / "ray-train"),
-                         name=folder.name, knob="pretrain",
+                         storage_path=train_path, name=train_name, knob="pretrain",
                          cpus_per_worker=pretrain.cpus_per_worker,
                          gpus_per_worker=pretrain.gpus_per_worker)
     state = load_checkpoint_state(result.checkpoint)
     curve = [{"epoch": i + 1, "mim_loss": float(v)} for i, v in enumerate(state.pop(CURVE_KEY))]
-    meta = {"path": str(folder), "curve": curve, "fingerprint": folder.name}
+    meta = {"path": where, "curve": curve, "fingerprint": fingerprint}
     buf = io.BytesIO()
     torch.save(state, buf)
     # weights first, then meta: a reader that sees both sees both whole
-    write_atomic(weights, buf.getvalue())
-    write_atomic(meta_file, json.dumps(meta))
+    store.write_bytes(weights, buf.getvalue())
+    store.write_text(meta_file, json.dumps(meta))
     return state, {**meta, "cached": False}

@@ -293,3 +293,50 @@ def test_job_submit_spreads_clients_over_two_nodes(local_cluster: LocalCluster,
                          raise_on_missing_output=False)
     assert len(actors) == 2, actors
     assert {a.node_id for a in actors} == {n.node_id for n in nodes}
+
+
+@pytest.mark.integration
+def test_a_train_job_spreads_its_workers_over_two_nodes(local_cluster: LocalCluster,
+                                                        data_root: Path, tmp_path: Path
+                                                        ) -> None:
+    """MIM pretraining as a 2-worker DDP Ray Train job on two 1-CPU nodes: one worker on
+    each node (gloo across the nodes), then the run goes on to its federated rounds."""
+    from ray.job_submission import JobSubmissionClient
+    from ray.util.state import list_actors, list_nodes
+
+    out = tmp_path / "run"
+    cache = tmp_path / "cache"  # no MIM base cached: the Train job must run
+    umim = VENV_BIN / "umim"
+    entrypoint = [str(umim)] if umim.exists() else [sys.executable, "-m", "engine.cli"]
+    runtime_env = {"excludes": [".git", ".venv", "runs", "**/__pycache__",
+                                "**/.pytest_cache"],
+                   "env_vars": {"UMIM_CACHE_DIR": str(cache)}}
+    submission_id = f"umim-train-{os.getpid()}-{int(time.time())}"
+    overrides = ["pretrain.method=mim", "pretrain.epochs=1", "pretrain.batch_size=32",
+                 "pretrain.num_workers=2", "pretrain.cpus_per_worker=1",
+                 "data.pool_size=256", "strategy.rounds=1", "run.dashboard=true"]
+    cmd = [str(RAY_CLI), "job", "submit", "--address", local_cluster.dashboard_url,
+           "--submission-id", submission_id, "--working-dir", str(REPO),
+           "--runtime-env-json", json.dumps(runtime_env), "--",
+           *entrypoint, "run", "experiments/smoke.yaml", *overrides, "--out", str(out),
+           "--quiet", "--data-root", str(data_root)]
+    try:
+        job = subprocess.run(cmd, env=local_cluster.env, cwd=REPO, capture_output=True,
+                             text=True, timeout=JOB_TIMEOUT_S)
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"`ray job submit` still running after {JOB_TIMEOUT_S:g}s:\n"
+                    f"{(err.stdout or b'')[-4000:]!r}")
+    output = job.stdout + job.stderr
+    assert job.returncode == 0, f"exited with {job.returncode}:\n{output[-6000:]}"
+    status = JobSubmissionClient(local_cluster.dashboard_url).get_job_info(submission_id)
+    assert status.status == "SUCCEEDED", (status.status, status.message)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["base"]["method"] == "mim" and summary["base"]["cached"] is False
+
+    nodes = {n.node_id for n in list_nodes(address=local_cluster.dashboard_url, detail=True)
+             if n.state == "ALIVE"}
+    filters = [("class_name", "=", "RayTrainWorker")]
+    workers = list_actors(address=local_cluster.dashboard_url, filters=filters, detail=True,
+                          raise_on_missing_output=False)
+    assert len(workers) == 2, workers
+    assert {w.node_id for w in workers} == nodes  # one DDP worker on each of the two nodes

@@ -1,7 +1,7 @@
-"""Crash safety of the whole universal pipeline: the driver is SIGKILLed at a random point
-inside each step (MIM pretraining, a stage's local training, a distillation, fine-tuning,
-leave-one-domain-out, a baseline), the run is resumed, and its final results equal those of
-an uninterrupted run."""
+"""Crash safety of the whole universal pipeline: one run's driver is SIGKILLed at a random
+point inside each step in turn (MIM pretraining, a stage's local training, a distillation,
+fine-tuning, leave-one-domain-out, a baseline), resumed after every kill, and its final
+results equal those of an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -43,13 +43,18 @@ STEPS: dict[str, str] = {
     "lodo": "progress/finetune.done",
     "baseline": "baselines/fedavg-seed0/checkpoints/round-0001/COMPLETE",  # in round 2
 }
-DELAY_S = {"baseline": 0.2}  # the longest random delay after the marker (default 1.5 s)
+DELAY_S = {"stage": 0.3, "baseline": 0.2}  # longest random delay after a marker (else 1.5 s)
 
 
-def _cli(run_dir: Path, cache: Path, data_root: Path) -> list[str]:
+def _run_cli(run_dir: Path, cache: Path, data_root: Path) -> list[str]:
     return [sys.executable, "-m", "engine.cli", "run", str(REPO / "experiments" /
                                                           "quickstart.yaml"),
             *PIPELINE, f"data.cache_dir={cache}", "--out", str(run_dir), "--data-root",
+            str(data_root), "--quiet"]
+
+
+def _resume_cli(run_dir: Path, data_root: Path) -> list[str]:
+    return [sys.executable, "-m", "engine.cli", "resume", str(run_dir), "--data-root",
             str(data_root), "--quiet"]
 
 
@@ -87,21 +92,23 @@ def test_sigkill_in_every_step_then_resume_gives_the_same_results(
         tmp_path: Path, data_root: Path, shard_cache: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     reference = tmp_path / "reference"
-    cache = _fresh_cache(shard_cache, tmp_path / "cache-ref")
-    subprocess.run(_cli(reference, cache, data_root), env=env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=900)
+    subprocess.run(_run_cli(reference, _fresh_cache(shard_cache, tmp_path / "cache-ref"),
+                            data_root), env=env, check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, timeout=900)
     expected = _summary(reference)
+
     rng = random.Random(0)
-    only = os.environ.get("UMIM_CRASH_STEPS")  # e.g. "distil,baseline" while debugging
+    run_dir, cache = tmp_path / "crashed", _fresh_cache(shard_cache, tmp_path / "cache")
+    command = _run_cli(run_dir, cache, data_root)
+    killed = []
     for step, marker in STEPS.items():
-        if only and step not in only.split(","):
-            continue
-        run_dir, cache = tmp_path / step, _fresh_cache(shard_cache, tmp_path / f"cache-{step}")
         target = cache / marker[6:] if marker.startswith("cache:") else run_dir / marker
-        proc = subprocess.Popen(_cli(run_dir, cache, data_root), env=env,
-                                start_new_session=True, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+        assert not target.exists(), f"{step} began before the previous kill"
+        proc = subprocess.Popen(command, env=env, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _kill_when(proc, target.exists, delay=rng.uniform(0.0, DELAY_S.get(step, 1.5)))
-        assert not (run_dir / "progress" / "baseline-fedavg-seed0.done").exists(), step
-        resume(run_dir, data_root=str(data_root), quiet=True)
-        assert _summary(run_dir) == expected, f"killed in {step}: results differ"
+        killed.append(step)
+        command = _resume_cli(run_dir, data_root)
+    assert not (run_dir / "progress" / "baseline-fedavg-seed0.done").exists(), killed
+    resume(run_dir, data_root=str(data_root), quiet=True)
+    assert _summary(run_dir) == expected, f"killed in {killed}: results differ"

@@ -239,29 +239,28 @@ def local_cluster(data_root: Path, shard_cache: Path) -> Iterator[LocalCluster]:
             (temp_dir.parent / f"{temp_dir.name}.{suffix}.log").unlink(missing_ok=True)
 
 
-@pytest.mark.integration
-def test_job_submit_spreads_clients_over_two_nodes(local_cluster: LocalCluster,
-                                                   data_root: Path, shard_cache: Path,
-                                                   tmp_path: Path) -> None:
+def _submit_run(cluster: LocalCluster, data_root: Path, cache: Path, out: Path,
+                *overrides: str) -> tuple[str, object]:
+    """``ray job submit --working-dir`` of ``umim run experiments/smoke.yaml`` (the workflow
+    of docs/cluster.md); returns the job's output and its final info, failing the test
+    unless it succeeded."""
     from ray.job_submission import JobSubmissionClient
-    from ray.util.state import list_actors, list_nodes
 
-    out = tmp_path / "run"
     umim = VENV_BIN / "umim"
     entrypoint = [str(umim)] if umim.exists() else [sys.executable, "-m", "engine.cli"]
     runtime_env = {
         # .gitignore'd paths (.venv/, runs/, ...) are never uploaded; these neither.
         "excludes": [".git", ".venv", "runs", "**/__pycache__", "**/.pytest_cache"],
-        "env_vars": {"UMIM_CACHE_DIR": str(shard_cache)},
+        "env_vars": {"UMIM_CACHE_DIR": str(cache)},
     }
-    submission_id = f"umim-test-{os.getpid()}-{int(time.time())}"
-    cmd = [str(RAY_CLI), "job", "submit", "--address", local_cluster.dashboard_url,
+    submission_id = f"umim-test-{os.getpid()}-{time.time_ns()}"
+    cmd = [str(RAY_CLI), "job", "submit", "--address", cluster.dashboard_url,
            "--submission-id", submission_id, "--working-dir", str(REPO),
            "--runtime-env-json", json.dumps(runtime_env), "--",
-           *entrypoint, "run", "experiments/smoke.yaml", "--out", str(out), "--quiet",
-           "--data-root", str(data_root)]
+           *entrypoint, "run", "experiments/smoke.yaml", *overrides, "--out", str(out),
+           "--quiet", "--data-root", str(data_root)]
     try:
-        job = subprocess.run(cmd, env=local_cluster.env, cwd=REPO, capture_output=True,
+        job = subprocess.run(cmd, env=cluster.env, cwd=REPO, capture_output=True,
                              text=True, timeout=JOB_TIMEOUT_S)
     except subprocess.TimeoutExpired as err:
         pytest.fail(f"`ray job submit` still running after {JOB_TIMEOUT_S:g}s:\n"
@@ -269,8 +268,19 @@ def test_job_submit_spreads_clients_over_two_nodes(local_cluster: LocalCluster,
     output = job.stdout + job.stderr
     assert job.returncode == 0, (
         f"`ray job submit` exited with {job.returncode}:\n{output[-6000:]}")
-    status = JobSubmissionClient(local_cluster.dashboard_url).get_job_info(submission_id)
+    status = JobSubmissionClient(cluster.dashboard_url).get_job_info(submission_id)
     assert status.status == "SUCCEEDED", (status.status, status.message)
+    return output, status
+
+
+@pytest.mark.integration
+def test_job_submit_spreads_clients_over_two_nodes(local_cluster: LocalCluster,
+                                                   data_root: Path, shard_cache: Path,
+                                                   tmp_path: Path) -> None:
+    from ray.util.state import list_actors, list_nodes
+
+    out = tmp_path / "run"
+    output, status = _submit_run(local_cluster, data_root, shard_cache, out)
 
     # The run wrote its directory, with a test AUC for both domains.
     for name in ("config.yaml", "history.parquet", "summary.json"):
@@ -301,35 +311,14 @@ def test_a_train_job_spreads_its_workers_over_two_nodes(local_cluster: LocalClus
                                                         ) -> None:
     """MIM pretraining as a 2-worker DDP Ray Train job on two 1-CPU nodes: one worker on
     each node (gloo across the nodes), then the run goes on to its federated rounds."""
-    from ray.job_submission import JobSubmissionClient
     from ray.util.state import list_actors, list_nodes
 
     out = tmp_path / "run"
     cache = tmp_path / "cache"  # no MIM base cached: the Train job must run
-    umim = VENV_BIN / "umim"
-    entrypoint = [str(umim)] if umim.exists() else [sys.executable, "-m", "engine.cli"]
-    runtime_env = {"excludes": [".git", ".venv", "runs", "**/__pycache__",
-                                "**/.pytest_cache"],
-                   "env_vars": {"UMIM_CACHE_DIR": str(cache)}}
-    submission_id = f"umim-train-{os.getpid()}-{int(time.time())}"
-    overrides = ["pretrain.method=mim", "pretrain.epochs=1", "pretrain.batch_size=32",
-                 "pretrain.num_workers=2", "pretrain.cpus_per_worker=1",
-                 "data.pool_size=256", "strategy.rounds=1", "run.dashboard=true"]
-    cmd = [str(RAY_CLI), "job", "submit", "--address", local_cluster.dashboard_url,
-           "--submission-id", submission_id, "--working-dir", str(REPO),
-           "--runtime-env-json", json.dumps(runtime_env), "--",
-           *entrypoint, "run", "experiments/smoke.yaml", *overrides, "--out", str(out),
-           "--quiet", "--data-root", str(data_root)]
-    try:
-        job = subprocess.run(cmd, env=local_cluster.env, cwd=REPO, capture_output=True,
-                             text=True, timeout=JOB_TIMEOUT_S)
-    except subprocess.TimeoutExpired as err:
-        pytest.fail(f"`ray job submit` still running after {JOB_TIMEOUT_S:g}s:\n"
-                    f"{(err.stdout or b'')[-4000:]!r}")
-    output = job.stdout + job.stderr
-    assert job.returncode == 0, f"exited with {job.returncode}:\n{output[-6000:]}"
-    status = JobSubmissionClient(local_cluster.dashboard_url).get_job_info(submission_id)
-    assert status.status == "SUCCEEDED", (status.status, status.message)
+    _submit_run(local_cluster, data_root, cache, out,
+                "pretrain.method=mim", "pretrain.epochs=1", "pretrain.batch_size=32",
+                "pretrain.num_workers=2", "pretrain.cpus_per_worker=1", "data.pool_size=256",
+                "strategy.rounds=1", "run.dashboard=true")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["base"]["method"] == "mim" and summary["base"]["cached"] is False
 

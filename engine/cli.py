@@ -449,27 +449,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 # -- strategies -----------------------------------------------------------------------------
-def _default(f: dataclasses.Field) -> Any:
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    return "(required)"
-
-
 def strategy_rows() -> list[dict[str, Any]]:
-    """Every registered strategy: name, one-line doc, ``pooled``, ``distils`` and its
-    options with their defaults (``umim strategies``)."""
-    from engine.config import to_dict
+    """What every registered strategy declares (``umim strategies``)."""
     from strategies import STRATEGIES
 
-    rows = []
-    for name, cls in sorted(STRATEGIES.items()):
-        doc = ((cls.__doc__ or "").strip().splitlines() or [""])[0]
-        options = {f.name: to_dict(_default(f)) for f in dataclasses.fields(cls.Options)}
-        rows.append({"name": name, "doc": doc, "pooled": bool(cls.pooled),
-                     "distils": bool(cls.distils), "options": options})
-    return rows
+    return [cls.describe() for _, cls in sorted(STRATEGIES.items())]
 
 
 def _cmd_strategies(args: argparse.Namespace) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -72,6 +73,16 @@ class Strategy(ABC):
         self.clients: dict[str, ClientInfo] = {}
         self.encoder: State = {}
         self.heads: dict[str, State] = {}
+
+    @classmethod
+    def describe(cls) -> dict[str, Any]:
+        """What the strategy declares, as plain data (``umim strategies`` prints it): its
+        name, one-line doc, ``pooled``, ``distils`` and its options with their defaults."""
+        doc = ((cls.__doc__ or "").strip().splitlines() or [""])[0]
+        options = {k: list(v) if isinstance(v, tuple) else v
+                   for k, v in dataclasses.asdict(cls.Options()).items()}
+        return {"name": cls.name, "doc": doc, "pooled": cls.pooled, "distils": cls.distils,
+                "options": options}
 
     @classmethod
     def planned_rounds(cls, options: Any, domains: Sequence[str], rounds: int) -> int:

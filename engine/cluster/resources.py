@@ -108,8 +108,7 @@ def trial_phases(cfg: ExperimentConfig) -> list[list[Group]]:
     actors = min(cfg.clients.num_actors or clients, clients)
     rounds: list[Group] = [(actors, cfg.clients.num_cpus, cfg.clients.num_gpus)]
     d = cfg.distill
-    if cfg.runs_train_jobs and (cfg.evaluation.lodo_domains
-                                or any(c.distils for c in cfg.strategy_classes())):
+    if cfg.runs_distillations:
         rounds.append((d.num_workers, d.cpus_per_worker, d.gpus_per_worker if d.use_gpu else 0))
     phases = [rounds]
     p = cfg.pretrain

@@ -528,8 +528,13 @@ class ExperimentConfig:
     def runs_train_jobs(self) -> bool:
         """Whether the experiment runs Ray Train jobs: MIM pretraining, a strategy that
         declares ``distils``, or leave-one-domain-out distillations."""
-        return (self.pretrain.method != "none" or bool(self.evaluation.lodo_domains)
-                or any(cls.distils for cls in self.strategy_classes()))
+        return self.pretrain.method != "none" or self.runs_distillations
+
+    @property
+    def runs_distillations(self) -> bool:
+        """Whether distillation Train jobs run: a strategy declares ``distils``, or LODO."""
+        return bool(self.evaluation.lodo_domains) or any(
+            cls.distils for cls in self.strategy_classes())
 
     def planned_rounds(self) -> int:
         """Rounds of the main run, as its strategy plans them."""

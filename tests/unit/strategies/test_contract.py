@@ -4,6 +4,7 @@ strategy, parametrised over the registry, so a new strategy is checked by being 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import pytest
@@ -52,6 +53,10 @@ def test_strategy_contract(name: str) -> None:
     assert cls.name == name and cls.__doc__, "registered under its own name, documented"
     assert dataclasses.is_dataclass(cls.Options) and cls.Options.__dataclass_params__.frozen
     options = cls.Options()  # every option has a default
+    facts = cls.describe()  # what `umim strategies` prints, as plain data
+    assert json.loads(json.dumps(facts)) == facts
+    assert (facts["name"], facts["pooled"], facts["distils"]) == (name, cls.pooled, cls.distils)
+    assert list(facts["options"]) == [f.name for f in dataclasses.fields(cls.Options)]
     rounds = cls.planned_rounds(options, DOMAINS, 3)
     assert isinstance(rounds, int) and rounds >= 1
 

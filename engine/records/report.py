@@ -22,14 +22,40 @@ PLOT_DISTILL = "distill_curves.png"
 PLOT_MIM = "mim_loss.png"
 
 
-def _fmt(cell: dict[str, float] | None) -> str:
-    if not cell or math.isnan(cell["mean"]):
+def _num(value: Any) -> float:
+    """``value`` as a float; NaN for None or a missing value."""
+    return math.nan if value is None else float(value)
+
+
+def _has_ci(cell: dict[str, Any]) -> bool:
+    """Whether a summary cell carries a finite CI over more than one value."""
+    return cell.get("n", 0) > 1 and not (math.isnan(_num(cell.get("ci_low")))
+                                         or math.isnan(_num(cell.get("ci_high"))))
+
+
+def _fmt(cell: dict[str, Any] | None) -> str:
+    """A table cell: ``mean [low, high]`` (95% CI) when it has one, else the mean (old
+    summaries without CI keys too)."""
+    if not cell or math.isnan(_num(cell.get("mean"))):
         return "–"
-    return f"{cell['mean']:.3f} ± {cell['std']:.3f}" if cell["n"] > 1 else f"{cell['mean']:.3f}"
+    if _has_ci(cell):
+        return f"{cell['mean']:.3f} [{cell['ci_low']:.3f}, {cell['ci_high']:.3f}]"
+    return f"{cell['mean']:.3f}"
 
 
-def _p(value: float) -> str:
+def _p(value: float | None) -> str:
     return "–" if value is None or math.isnan(value) else f"{value:.3g}"
+
+
+def _ci(pair: Any) -> str:
+    """A ``[low, high]`` difference interval, or a dash."""
+    if not pair or any(math.isnan(_num(x)) for x in pair):
+        return "–"
+    return f"[{pair[0]:+.4f}, {pair[1]:+.4f}]"
+
+
+def _diff(value: Any) -> str:
+    return "–" if math.isnan(_num(value)) else f"{value:+.4f}"
 
 
 def _save(storage: Storage, name: str, fig: Any) -> None:
@@ -39,25 +65,36 @@ def _save(storage: Storage, name: str, fig: Any) -> None:
     storage.write_bytes(name, buf.getvalue())
 
 
+def _errors(cell: dict[str, Any]) -> tuple[float, float]:
+    """Asymmetric error bar (below, above) of a cell: its CI half-widths, or none."""
+    if not _has_ci(cell):
+        return 0.0, 0.0
+    return cell["mean"] - cell["ci_low"], cell["ci_high"] - cell["mean"]
+
+
 def plot_auc(storage: Storage, summary: dict[str, Any], domains: list[str]) -> None:
-    """Grouped bars: per-domain test AUC of every method, error bars over seeds."""
+    """Grouped bars: per-domain test AUC of every method, error bars the 95% CI over
+    replicates (none for a cell without one); a dashed chance line at 0.5."""
     methods = list(summary["methods"])
     fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(domains)), 4.2))
     width = 0.8 / max(len(methods), 1)
     for i, method in enumerate(methods):
         rows = summary["methods"][method]
-        xs, ys, es = [], [], []
+        xs, ys, lo, hi = [], [], [], []
         for j, d in enumerate(domains):
             if d in rows and "auc" in rows[d]:
                 xs.append(j + (i - (len(methods) - 1) / 2) * width)
                 ys.append(rows[d]["auc"]["mean"])
-                es.append(rows[d]["auc"]["std"])
-        ax.bar(xs, ys, width, yerr=es, capsize=2, label=method)
+                below, above = _errors(rows[d]["auc"])
+                lo.append(below)
+                hi.append(above)
+        ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=method)
+    ax.axhline(0.5, color="grey", linestyle="--", linewidth=1, label="chance")
     ax.set_xticks(range(len(domains)), domains, rotation=20)
     ax.set_ylabel("test AUC")
-    ax.set_ylim(0.4, 1.02)
+    ax.set_ylim(0.0, 1.0)
     ax.legend(fontsize=7, ncol=3)
-    ax.set_title("Per-domain test AUC by method (mean ± std over seeds)")
+    ax.set_title("Per-domain test AUC by method: mean and 95% CI over replicates")
     _save(storage, PLOT_AUC, fig)
 
 
@@ -107,6 +144,89 @@ def _curves(storage: Storage) -> dict[str, list[dict[str, float]]]:
     return curves
 
 
+def _metric_table(methods: dict[str, Any], domains: list[str], metric: str) -> list[str]:
+    """The per-domain table of one metric, with the mean over domains last."""
+    lines = [f"## Test {metric.upper()} per domain (mean [95% CI] over replicates)", "",
+             "A cell is the mean and its t-based 95% confidence interval over replicates "
+             "(over the evaluation seeds where a run has a single replicate); a lone value "
+             "has no interval.", "",
+             "| method | " + " | ".join(domains) + " | mean |",
+             "|---|" + "---|" * (len(domains) + 1)]
+    for method, rows in methods.items():
+        cells = [_fmt(rows.get(d, {}).get(metric)) for d in domains]
+        vals = [rows[d][metric]["mean"] for d in domains if d in rows and metric in rows[d]]
+        mean = f"{sum(vals) / len(vals):.3f}" if vals else "–"
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {mean} |")
+    return [*lines, ""]
+
+
+_TEST_HEAD = ("| comparison | metric | test over | pairs | mean diff | 95% CI | win rate | "
+              "Wilcoxon p | Wilcoxon p (a > b) | t-test p | t-test p (a > b) | Holm p | "
+              "primary |")
+
+
+def _test_cells(t: dict[str, Any] | None) -> tuple[str, str]:
+    """The pair count, and the win rate and four p-values (as table cells), of a
+    :func:`~engine.records.stats.paired_tests` dict."""
+    t = t or {}
+    win = _num(t.get("win_rate"))
+    return str(t.get("n", "–")), (
+        f"{'–' if math.isnan(win) else f'{win:.2f}'} | {_p(t.get('wilcoxon_p'))} | "
+        f"{_p(t.get('wilcoxon_p_greater'))} | {_p(t.get('ttest_p'))} | "
+        f"{_p(t.get('ttest_p_greater'))}")
+
+
+def _comparison_rows(c: dict[str, Any]) -> list[str]:
+    """Table rows of one comparison: one per unit tested (new format) or the old row."""
+    name = f"{c['a']} vs {c['b']}" + (f" ({c['mode']})" if c.get("mode") else "")
+    diff = _diff(c.get("mean_diff"))
+    if "over_domains" not in c and "over_units" not in c:  # the old flat format
+        n, rest = _test_cells(c)
+        return [f"| {name} | {c['metric']} | (domain, seed) pairs | {n} | {diff} | – | "
+                f"{rest} | – | – |"]
+    primary = "yes" if c.get("primary") else ""
+    n, rest = _test_cells(c.get("over_domains"))
+    rows = [f"| {name} | {c['metric']} | domains (mean over replicates) | {n} | {diff} | "
+            f"{_ci(c.get('ci95'))} | {rest} | {_p(c.get('holm_p'))} | {primary} |"]
+    n, rest = _test_cells(c.get("over_units"))
+    rows.append(f"| ″ | ″ | (domain, replicate) units | {n} | | | {rest} | | |")
+    return rows
+
+
+def _comparisons(comparisons: list[dict[str, Any]]) -> list[str]:
+    """The paired-tests section."""
+    lines = ["## Paired tests", "",
+             "Differences are `a - b`. *domains*: one pair per domain, each method's mean over "
+             "replicates (the conservative test); *(domain, replicate) units*: one pair per "
+             "replicate of a domain, valid because replicates are independent pipelines. "
+             "95% CI: hierarchical bootstrap (domains, then replicates within a domain) of "
+             "the mean difference. Holm p: the one-sided p of the comparison's primary test, "
+             "Holm-adjusted across the comparisons reported.", "",
+             _TEST_HEAD, "|---" * 13 + "|"]
+    for c in comparisons:
+        lines += _comparison_rows(c)
+    return [*lines, ""]
+
+
+def _verdict(claim: dict[str, Any]) -> list[str]:
+    """The verdict on the pre-registered primary comparison (new and old summaries)."""
+    verdict = "held" if claim.get("held") else "did NOT hold"
+    head = ["## The paper's claim", "",
+            f"Pre-registered primary comparison: {claim['comparison']}"
+            + (f" ({claim['mode']})" if claim.get("mode") else "") + "."]
+    if "p" in claim or "holm_p" in claim or "ci95" in claim:
+        test = claim.get("test") or "primary test"
+        body = (f"Mean AUC difference {_diff(claim.get('mean_diff'))}, 95% CI "
+                f"{_ci(claim.get('ci95'))}; {test}: one-sided p = {_p(claim.get('p'))}, "
+                f"Holm-adjusted p = {_p(claim.get('holm_p'))}. "
+                f"The claim **{verdict}** on this run.")
+    else:
+        body = (f"Mean AUC difference {_diff(claim.get('mean_diff'))}, one-sided Wilcoxon "
+                f"p = {_p(claim.get('wilcoxon_p_greater'))}. At p < 0.05 the claim "
+                f"**{verdict}** on this run.")
+    return [*head, body, ""]
+
+
 def write_report(run_dir: str) -> str:
     """Write ``report.md`` and its plots into ``run_dir``; returns the report's path."""
     storage = Storage(run_dir)
@@ -122,35 +242,12 @@ def write_report(run_dir: str) -> str:
     if summary.get("methods"):
         plot_auc(storage, summary, domains)
         for metric in ("auc", "acc"):
-            lines += [f"## Test {metric.upper()} per domain (mean ± std over seeds)", "",
-                      "| method | " + " | ".join(domains) + " | mean |",
-                      "|---|" + "---|" * (len(domains) + 1)]
-            for method, rows in summary["methods"].items():
-                cells = [_fmt(rows.get(d, {}).get(metric)) for d in domains]
-                vals = [rows[d][metric]["mean"] for d in domains
-                        if d in rows and metric in rows[d]]
-                mean = f"{sum(vals) / len(vals):.3f}" if vals else "–"
-                lines.append(f"| {method} | " + " | ".join(cells) + f" | {mean} |")
-            lines.append("")
+            lines += _metric_table(summary["methods"], domains, metric)
         lines += [f"![per-domain AUC]({PLOT_AUC})", ""]
     if summary.get("comparisons"):
-        lines += ["## Paired tests (over domains x seeds)", "",
-                  "| comparison | metric | pairs | mean diff | win rate | Wilcoxon p | "
-                  "Wilcoxon p (a > b) | t-test p | t-test p (a > b) |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for c in summary["comparisons"]:
-            lines.append(f"| {c['a']} vs {c['b']} | {c['metric']} | {c['n']} | "
-                         f"{c['mean_diff']:+.4f} | {c['win_rate']:.2f} | {_p(c['wilcoxon_p'])} "
-                         f"| {_p(c['wilcoxon_p_greater'])} | {_p(c['ttest_p'])} | "
-                         f"{_p(c['ttest_p_greater'])} |")
-        lines.append("")
-    claim = summary.get("claim")
-    if claim:
-        verdict = "held" if claim["held"] else "did NOT hold"
-        lines += ["## The paper's claim", "",
-                  f"{claim['comparison']}: mean AUC difference {claim['mean_diff']:+.4f}, "
-                  f"one-sided Wilcoxon p = {_p(claim['wilcoxon_p_greater'])}. "
-                  f"At p < 0.05 the claim **{verdict}** on this run.", ""]
+        lines += _comparisons(summary["comparisons"])
+    if summary.get("claim"):
+        lines += _verdict(summary["claim"])
     curves = _curves(storage)
     if curves:
         plot_distill(storage, curves)

@@ -49,7 +49,8 @@ def test_results_to_pandas_has_the_schema_columns_dtypes_and_values() -> None:
     from pandas.api.types import is_string_dtype
 
     frame = _results().to_pandas()
-    assert list(frame.columns) == ["method", "seed", "client", "domain", "metric", "value"]
+    assert list(frame.columns) == ["method", "seed", "client", "domain", "metric", "value",
+                                  "replicate"]
     assert all(is_string_dtype(frame[n]) for n in ("method", "client", "domain", "metric"))
     assert str(frame["seed"].dtype) == "int64"
     assert str(frame["value"].dtype) == "float64"

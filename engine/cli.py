@@ -440,6 +440,27 @@ def _cmd_bench_gpu(args: argparse.Namespace) -> int:
     return 0 if out["passed"] else 1
 
 
+def _cmd_bench_medmnist(args: argparse.Namespace) -> int:
+    """``umim bench medmnist``: the MedMNIST v2 ResNet-18 (28) recipe per dataset, beside the
+    published numbers (see :mod:`engine.bench.medmnist`)."""
+    from engine.bench.common import machine, print_table
+    from engine.bench.medmnist import COLUMNS, DATASETS, bench_medmnist
+
+    names = [n.strip().lower() for n in args.datasets.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(DATASETS))
+    if unknown or not names:
+        raise UsageError(f"--datasets: unknown dataset(s) {unknown}; valid: "
+                         f"{','.join(DATASETS)}")
+    if args.epochs < 1 or args.batch_size < 1 or not args.lr > 0:
+        raise UsageError("--epochs and --batch-size must be >= 1 and --lr > 0")
+    out = _call(bench_medmnist, names, epochs=args.epochs, batch_size=args.batch_size,
+                lr=args.lr, data_root=args.data_root, cache_dir=args.cache_dir)
+    print_table("umim bench medmnist", out["rows"], COLUMNS, args.json,
+                {"published": out["published"], "workload": out["workload"],
+                 "machine": machine()})
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     _require_run_dir(args.run_dir)
     from engine.records.report import write_report
@@ -619,6 +640,17 @@ def build_parser() -> argparse.ArgumentParser:
     gpu.add_argument("--json", action="store_true", help="print JSON")
     _add_data_args(gpu)
     gpu.set_defaults(func=_cmd_bench_gpu)
+    med = command(bench_cmds, "medmnist", "the MedMNIST v2 ResNet-18 (28) recipe per "
+                  "dataset, centrally, beside the published numbers")
+    med.add_argument("--datasets", default="breastmnist,retinamnist",
+                     help="comma list of breastmnist,pneumoniamnist,retinamnist,pathmnist")
+    med.add_argument("--epochs", type=int, default=100,
+                     help="epochs (lr x0.1 at 50 %% and 75 %% of them)")
+    med.add_argument("--batch-size", type=int, default=128)
+    med.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    med.add_argument("--json", action="store_true", help="print JSON")
+    _add_data_args(med)
+    med.set_defaults(func=_cmd_bench_medmnist)
 
     report = command(commands, "report", "write report.md and plots for a run")
     report.add_argument("run_dir", help="the run directory (holds config.yaml)")

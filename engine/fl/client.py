@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.optim.lr_scheduler import LRScheduler
 
 from engine.config import DataConfig, ModelConfig, TrainConfig
 from engine.data import (
@@ -33,6 +34,7 @@ from engine.data.shards import Shard, read_shard
 from engine.nn.metrics import auc_acc, scores_from_logits
 from engine.nn.models import MultiHeadNet, build_model
 from engine.nn.precision import autocast, autocast_dtype
+from engine.nn.schedule import build_scheduler
 from strategies.state import is_head_key
 from strategies.types import ClientInfo, EvaluateIns, EvaluateRes, FitIns, FitRes, State
 
@@ -175,7 +177,11 @@ class Client:
                           num_train=sum(len(d["train"].y) for d in self.data.values()))
 
     def fit(self, ins: FitIns) -> FitRes:
-        """Train the received model on the private train split; return weights and metrics."""
+        """Train the received model on the private train split; return weights and metrics.
+
+        The learning-rate schedule (``train.schedule``, ``train.warmup_epochs``; see
+        :mod:`engine.nn.schedule`) spans this one call's epochs and is stepped per batch.
+        """
         started = time.perf_counter()
         cfg = ins.config
         server_round = int(cfg.get("round", 0))
@@ -192,10 +198,19 @@ class Client:
         anchor = ({n: p.detach().clone() for n, p in self.model.encoder.named_parameters()}
                   if mu > 0 else None)
         optimizer = self._optimizer(lr)
+        # the schedule spans this call's epochs, stepped per batch (None: constant rate)
+        tc = self.train_cfg
+        steps_per_epoch = sum(math.ceil(len(d["train"].y) / tc.batch_size)
+                              for d in self.data.values())
+        scheduler = build_scheduler(optimizer, tc.schedule, epochs=epochs,
+                                    steps_per_epoch=steps_per_epoch,
+                                    warmup_epochs=tc.warmup_epochs, milestones=tc.milestones,
+                                    gamma=tc.gamma)
         best: tuple[float, State] | None = None
         metrics: dict[str, float] = {}
         for epoch in range(epochs):
-            metrics["train_loss"] = self._train_epoch(optimizer, generator, mu, anchor)
+            metrics["train_loss"] = self._train_epoch(optimizer, generator, mu, anchor,
+                                                      scheduler=scheduler)
             if select_on_val:
                 score = self._selection_score()
                 if best is None or score > best[0]:
@@ -215,10 +230,45 @@ class Client:
         return EvaluateRes(cid=self.cid, split=ins.split, metrics=metrics, num_examples=n)
 
     def finetune(self, ins: FitIns, split: str = "test") -> EvaluateRes:
-        """Downstream fine-tuning: train as :meth:`fit` does, then score on the client's own
-        ``split``. Only the metrics leave the client, not the fine-tuned weights."""
-        res = self.fit(ins)
-        return self.evaluate(EvaluateIns(res.state, split))
+        """Judge the received encoder on the client's own data; only metrics leave it.
+
+        ``ins.config`` selects the evaluation (absent keys: plain fine-tuning, as before):
+
+        * ``mode``: ``"finetune"`` (default) trains the encoder and a fresh head as
+          :meth:`fit` does, then scores the result on ``split``; ``"linear_probe"`` freezes
+          the encoder and trains only a fresh linear head on its features
+          (:func:`engine.fl.probe.train_linear_head`: ``epochs``, ``lr``, the best
+          validation epoch); ``"knn"`` scores a k-NN vote on its features
+          (:func:`engine.fl.probe.knn_scores`, ``k`` neighbours, default 11).
+        * ``label_fraction`` (default 1): the share of each class of the train split that
+          is labelled (:func:`engine.fl.probe.stratified_subset`, fixed by ``subset_seed``,
+          default ``seed``, the client id and the domain); val and test are never cut.
+
+        Every domain's metrics are ``auc``, ``acc`` and ``loss`` (k-NN: the cross-entropy of
+        the smoothed vote, :func:`engine.fl.probe.knn_loss`), plus ``n_labelled`` (train
+        samples used) whenever the config names ``mode`` or ``label_fraction``.
+
+        Raises
+        ------
+        ValueError
+            For an unknown ``mode``, a ``label_fraction`` outside ``(0, 1]`` or ``k < 1``.
+        """
+        from engine.fl.probe import EVAL_MODES
+
+        cfg = ins.config
+        mode = str(cfg.get("mode", "finetune"))
+        if mode not in EVAL_MODES:
+            raise ValueError(f"client {self.cid}: unknown evaluation mode {mode!r}; "
+                             f"valid modes are {list(EVAL_MODES)}")
+        if "mode" not in cfg and "label_fraction" not in cfg:  # today's path, untouched
+            res = self.fit(ins)
+            return self.evaluate(EvaluateIns(res.state, split))
+        labelled = self._labelled(cfg)
+        if mode == "linear_probe":
+            return self._linear_probe(ins, split, labelled)
+        if mode == "knn":
+            return self._knn(ins, split, labelled)
+        return self._finetune_labelled(ins, split, labelled)
 
     # -- internals -------------------------------------------------------------------------
     def _load(self, state: State, fresh_heads: tuple[str, ...], seed: int) -> None:
@@ -244,6 +294,8 @@ class Client:
         if cfg.optimizer == "sgd":
             return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum,
                                    weight_decay=cfg.weight_decay)
+        if cfg.optimizer == "adam":
+            return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
         return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
 
     def _loss(self, logits: torch.Tensor, y: torch.Tensor, domain: str) -> torch.Tensor:
@@ -262,8 +314,13 @@ class Client:
         return batches
 
     def _train_epoch(self, optimizer: torch.optim.Optimizer, generator: torch.Generator,
-                     mu: float, anchor: dict[str, torch.Tensor] | None) -> float:
+                     mu: float, anchor: dict[str, torch.Tensor] | None, *,
+                     scheduler: LRScheduler | None = None) -> float:
+        """One epoch over the train split; the mean training loss. ``scheduler`` is stepped
+        after every optimisation step; ``train.grad_clip`` clips the global gradient norm
+        before it (the loss is float32 under bf16 autocast, so no scaler is involved)."""
         self.model.train()
+        clip = self.train_cfg.grad_clip
         total, count = 0.0, 0
         for domain, idx in self._batches(generator):
             split = self.data[domain]["train"]
@@ -278,7 +335,11 @@ class Client:
                 loss = loss + 0.5 * mu * prox
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             total += float(loss.detach()) * len(idx)
             count += len(idx)
         return total / max(count, 1)
@@ -312,3 +373,132 @@ class Client:
         """Device and sizes, for logs and tests."""
         return {"cid": self.cid, "device": str(self.device), "bf16": self.use_bf16,
                 "sizes": {d: {s: len(v.y) for s, v in sp.items()} for d, sp in self.data.items()}}
+
+    # -- evaluation modes (finetune's linear probe, k-NN and few-shot) ---------------------
+    def _labelled(self, cfg: Mapping[str, Any]) -> dict[str, torch.Tensor | None]:
+        """Per domain, the indices of the labelled train samples (``None``: all of them),
+        from ``label_fraction`` and ``subset_seed`` (default: ``seed``, then the client's)."""
+        from engine.fl.probe import stratified_subset
+
+        fraction = float(cfg.get("label_fraction", 1.0))
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"client {self.cid}: label_fraction must be in (0, 1], "
+                             f"got {fraction}")
+        if fraction == 1.0:
+            return dict.fromkeys(self.data)
+        subset_seed = cfg.get("subset_seed", cfg.get("seed", self.seed))
+        return {d: stratified_subset(s["train"].y, fraction,
+                                     derive_seed(subset_seed, "labelled", self.cid, d)
+                                     ).to(self.device)
+                for d, s in self.data.items()}
+
+    def _finetune_labelled(self, ins: FitIns, split: str,
+                           labelled: Mapping[str, torch.Tensor | None]) -> EvaluateRes:
+        """Fine-tuning (:meth:`fit`, then :meth:`evaluate`) on the labelled train subset:
+        the train splits are swapped for their subsets for the call, and restored after."""
+        saved = {d: s["train"] for d, s in self.data.items()}
+        try:
+            for domain, idx in labelled.items():
+                if idx is not None:
+                    full = saved[domain]
+                    x = full.x[idx]
+                    if self.train_cfg.channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    self.data[domain]["train"] = _Split(x, full.y[idx])
+            res = self.fit(ins)
+        finally:
+            for domain, full in saved.items():
+                self.data[domain]["train"] = full
+        out = self.evaluate(EvaluateIns(res.state, split))
+        for domain, metrics in out.metrics.items():
+            metrics["n_labelled"] = float(self._n_labelled(domain, labelled))
+        return out
+
+    def _n_labelled(self, domain: str, labelled: Mapping[str, torch.Tensor | None]) -> int:
+        idx = labelled[domain]
+        return len(self.data[domain]["train"].y) if idx is None else len(idx)
+
+    @torch.no_grad()
+    def _features(self, domain: str, split: str) -> torch.Tensor:
+        """The current encoder's features of one split: eval mode, under the client's
+        autocast setting, returned as float32."""
+        self.model.eval()
+        x = self.data[domain][split].x
+        out = []
+        for i in range(0, len(x), 1024):
+            with autocast(self.train_cfg.precision, self.device):
+                out.append(self.model.features(x[i:i + 1024]).float())
+        return (torch.cat(out) if out
+                else torch.zeros(0, self.model.out_features, device=self.device))
+
+    def _frozen_features(self, ins: FitIns, labelled: Mapping[str, torch.Tensor | None]
+                         ) -> dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """Load the received state (fresh heads as :meth:`fit` makes them) and compute, once,
+        every domain's (features, labels) of the labelled train subset, val and test."""
+        self._load(ins.state, ins.fresh_heads, int(ins.config.get("seed", self.seed)))
+        out: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+        for domain, splits in self.data.items():
+            out[domain] = {s: (self._features(domain, s), splits[s].y) for s in SPLITS}
+            idx = labelled[domain]
+            if idx is not None:
+                feats, y = out[domain]["train"]
+                out[domain]["train"] = (feats[idx], y[idx])
+        return out
+
+    def _linear_probe(self, ins: FitIns, split: str,
+                      labelled: Mapping[str, torch.Tensor | None]) -> EvaluateRes:
+        """Frozen encoder, a fresh linear head per domain trained on its features (AdamW,
+        ``lr`` else ``train.lr``, :data:`engine.fl.probe.PROBE_WEIGHT_DECAY`), the epoch of
+        the best val score kept per domain (for one domain: :meth:`_selection_score`'s rule),
+        scored on ``split``."""
+        from engine.fl.probe import score_logits, train_linear_head
+
+        cfg = ins.config
+        epochs = int(cfg.get("epochs", self.train_cfg.local_epochs))
+        lr = float(cfg.get("lr", self.train_cfg.lr))
+        fit_seed = derive_seed(cfg.get("seed", self.seed), int(cfg.get("round", 0)), self.cid)
+        generator = torch.Generator().manual_seed(fit_seed)
+        feats = self._frozen_features(ins, labelled)
+        metrics: dict[str, dict[str, float]] = {}
+        for domain, f in feats.items():
+            if domain in ins.fresh_heads:  # a fresh head's init, as fine-tuning starts from
+                head = self.model.heads[domain]
+                weight, bias = head.weight.detach(), head.bias.detach()
+            else:  # no fresh head asked for: start from zero (the received head is unused)
+                weight = torch.zeros(self.num_classes[domain], self.model.out_features,
+                                     device=self.device)
+                bias = torch.zeros(self.num_classes[domain], device=self.device)
+            trained = train_linear_head(*f["train"], *f["val"], self.tasks[domain], weight,
+                                        bias, epochs=epochs, lr=lr,
+                                        batch_size=self.train_cfg.batch_size,
+                                        generator=generator)
+            test_feats, test_y = f[split]
+            metrics[domain] = score_logits(trained(test_feats), test_y, self.tasks[domain])
+            metrics[domain]["n_labelled"] = float(len(f["train"][1]))
+        return self._metrics_res(split, metrics)
+
+    def _knn(self, ins: FitIns, split: str,
+             labelled: Mapping[str, torch.Tensor | None]) -> EvaluateRes:
+        """Frozen encoder, a weighted k-NN vote (``k``, default 11, clamped to the labelled
+        samples) over the labelled train features, scored on ``split``."""
+        from engine.fl.probe import DEFAULT_K, knn_loss, knn_scores
+
+        k = int(ins.config.get("k", DEFAULT_K))
+        if k < 1:
+            raise ValueError(f"client {self.cid}: k must be >= 1, got {k}")
+        feats = self._frozen_features(ins, labelled)
+        metrics: dict[str, dict[str, float]] = {}
+        for domain, f in feats.items():
+            task = self.tasks[domain]
+            train_feats, train_y = f["train"]
+            test_feats, test_y = f[split]
+            scores = knn_scores(train_feats, train_y, test_feats, k,
+                                self.num_classes[domain], task)
+            metrics[domain] = auc_acc(scores, test_y, task)
+            metrics[domain]["loss"] = knn_loss(scores, test_y, task)
+            metrics[domain]["n_labelled"] = float(len(train_y))
+        return self._metrics_res(split, metrics)
+
+    def _metrics_res(self, split: str, metrics: dict[str, dict[str, float]]) -> EvaluateRes:
+        n = sum(len(self.data[d][split].y) for d in self.data)
+        return EvaluateRes(cid=self.cid, split=split, metrics=metrics, num_examples=n)

@@ -55,7 +55,10 @@ class Strategy(ABC):
       :class:`~strategies.distill.DistillService` to :attr:`distiller` (a Ray Train job)
       before the first round;
     * :meth:`planned_rounds`: how many rounds a run of it has, known before it starts
-      (for checkpoints, progress and a sweep scheduler's horizon).
+      (for checkpoints, progress and a sweep scheduler's horizon);
+    * :meth:`client_epochs`: its training budget, the epochs each client trains over the
+      whole run (the study gives every compared arm the same one, see
+      :meth:`rounds_for_budget`).
     """
 
     name: ClassVar[str]
@@ -87,6 +90,33 @@ class Strategy(ABC):
     @classmethod
     def planned_rounds(cls, options: Any, domains: Sequence[str], rounds: int) -> int:
         """Rounds of a run over ``domains`` (``strategy.rounds`` unless the strategy plans)."""
+        return rounds
+
+    @classmethod
+    def epochs_per_round(cls, options: Any, local_epochs: int) -> int:
+        """Epochs a client trains in one round it takes part in (``train.local_epochs``
+        unless the strategy's options set their own ``local_epochs``)."""
+        return int(getattr(options, "local_epochs", None) or local_epochs)
+
+    @classmethod
+    def client_epochs(cls, options: Any, domains: Sequence[str], rounds: int,
+                      local_epochs: int) -> int:
+        """The budget: epochs each client trains over a whole run (every client takes
+        part in every round unless the strategy says otherwise)."""
+        return cls.planned_rounds(options, domains, rounds) \
+            * cls.epochs_per_round(options, local_epochs)
+
+    @classmethod
+    def rounds_for_budget(cls, options: Any, domains: Sequence[str], budget: int,
+                          local_epochs: int) -> int | None:
+        """``strategy.rounds`` giving each client ``budget`` epochs, or ``None`` when no
+        whole number of rounds does."""
+        per_round = cls.epochs_per_round(options, local_epochs)
+        if budget % per_round:
+            return None
+        rounds = budget // per_round
+        if cls.client_epochs(options, domains, rounds, local_epochs) != budget:
+            return None  # the strategy plans its own rounds
         return rounds
 
     def num_rounds(self, configured: int) -> int:

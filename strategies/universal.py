@@ -117,6 +117,12 @@ class Universal(Strategy):
         return len(plan_stages(domains, options.stages, options.num_stages)) \
             * options.rounds_per_stage
 
+    @classmethod
+    def client_epochs(cls, options: Any, domains: Sequence[str], rounds: int,
+                      local_epochs: int) -> int:
+        # a client trains only in the rounds of its own stage
+        return options.rounds_per_stage * cls.epochs_per_round(options, local_epochs)
+
     def initialize(self, clients: Sequence[ClientInfo], encoder: State) -> None:
         super().initialize(clients, encoder)
         domains = list(dict.fromkeys(d for c in clients for d in c.domains))

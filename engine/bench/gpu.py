@@ -169,7 +169,8 @@ def _slice_overrides(force_cpu: bool) -> list[str]:
     common = ["data.domains=[breast,pneumonia]", "strategy.num_stages=1",
               "strategy.rounds_per_stage=1", "strategy.local_epochs=1",
               "evaluation.finetune_epochs=0", "evaluation.lodo_domains=[]",
-              "evaluation.baselines=[]", "clients.num_actors=2"]
+              "evaluation.baselines=[]", "evaluation.encoders=[main,base]",
+              "clients.num_actors=2"]
     if not force_cpu:
         return [*common, "clients.num_gpus=0.1", "pretrain.epochs=2", "data.pool_size=4096",
                 "data.max_train_samples=1024", "data.max_eval_samples=512",

@@ -34,6 +34,10 @@ def _non_negative(section: str, **values: float | int | None) -> None:
         raise ValueError(", ".join(f"{section}.{k} must be >= 0" for k in bad))
 
 
+POOL_SOURCES = frozenset({"mednist"})
+"""Sources whose images also feed the server's unlabelled pool."""
+
+
 @dataclass(frozen=True)
 class TrainScaling:
     """How a server-side Ray Train job is spread: ``num_workers`` DDP workers with
@@ -174,14 +178,47 @@ class TrainConfig:
     evaluation, fine-tuning), MIM pretraining, distillation and the benchmarks
     (:mod:`engine.nn.precision`): ``auto`` is bf16 autocast on CUDA and float32 on a CPU,
     ``bf16`` is bf16 autocast on any device (the CPU too), ``fp32`` is no autocast.
+
+    The learning-rate schedule (:mod:`engine.nn.schedule`) spans one local-training call
+    (``Client.fit``) and is stepped once per batch: in federated strategies that is one
+    round's local epochs (it restarts every round); for ``local`` / ``centralised`` with
+    ``strategy.rounds=1`` and many epochs, and for ``umim bench medmnist``, it is the whole
+    training. The defaults (``constant``, no warm-up, no clipping) train exactly as without
+    a schedule.
+
+    Attributes
+    ----------
+    optimizer
+        ``adamw`` (decoupled weight decay), ``adam`` (``torch.optim.Adam``, MedMNIST's
+        optimiser; ``weight_decay`` is then an L2 term, set 0 for MedMNIST's recipe) or
+        ``sgd`` (with ``momentum``).
+    schedule
+        ``constant``, ``step`` (times ``gamma`` at each of ``milestones``) or ``cosine``
+        (half a cosine down towards 0 after the warm-up).
+    warmup_epochs
+        Linear warm-up over this many epochs of the call (any schedule); when it is as long
+        as the call, the whole call is warm-up.
+    milestones
+        ``step``: fractions of the call's epochs, strictly increasing in (0, 1) (MedMNIST's
+        recipe: x0.1 at 50 % and 75 %).
+    gamma
+        ``step``: the factor at each milestone, in (0, 1].
+    grad_clip
+        Clip the global gradient norm to this value before each step (``null``: no
+        clipping).
     """
 
     local_epochs: int = 1
     batch_size: int = 64
     lr: float = 1e-3
-    optimizer: Literal["adamw", "sgd"] = "adamw"
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
     weight_decay: float = 0.01
     momentum: float = 0.9
+    schedule: Literal["constant", "step", "cosine"] = "constant"
+    warmup_epochs: int = 0
+    milestones: tuple[float, ...] = (0.5, 0.75)
+    gamma: float = 0.1
+    grad_clip: float | None = None
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     # images and convolution weights in channels-last memory order, on every device (about
     # 1.2-1.3x faster training of ResNet-18 and ViT on a 2-core AVX2 CPU, see
@@ -194,6 +231,24 @@ class TrainConfig:
         _non_negative("train", weight_decay=self.weight_decay)
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError("train.momentum must be in [0, 1)")
+        if self.schedule not in ("constant", "step", "cosine"):
+            raise ValueError(f"train.schedule must be one of ['constant', 'step', 'cosine'], "
+                             f"got {self.schedule!r}")
+        if self.optimizer not in ("adamw", "adam", "sgd"):
+            raise ValueError(f"train.optimizer must be one of ['adamw', 'adam', 'sgd'], "
+                             f"got {self.optimizer!r}")
+        _non_negative("train", warmup_epochs=self.warmup_epochs)
+        _positive("train", grad_clip=self.grad_clip)
+        milestones = tuple(float(m) for m in self.milestones)
+        object.__setattr__(self, "milestones", milestones)  # a list from Python callers
+        if any(not 0.0 < m < 1.0 for m in milestones):
+            raise ValueError("train.milestones must be fractions of the epochs in (0, 1), "
+                             f"got {list(milestones)}")
+        if any(milestones[i + 1] <= milestones[i] for i in range(len(milestones) - 1)):
+            raise ValueError(f"train.milestones must be strictly increasing, got "
+                             f"{list(milestones)}")
+        if not 0.0 < self.gamma <= 1.0:
+            raise ValueError(f"train.gamma must be in (0, 1], got {self.gamma}")
 
 
 @dataclass(frozen=True)
@@ -387,31 +442,97 @@ class DistillConfig(DistillSettings, TrainScaling):
                                   for f in dataclasses.fields(DistillSettings)})
 
 
+ENCODER_ARMS = ("random", "base", "main", "merged")
+"""The encoders the evaluations compare: ``random`` (a random initialisation), ``base`` (the
+pretrained base, ``mim`` or ``random-init``), ``main`` (the main run's global encoder, e.g.
+``universal``) and ``merged`` (the weight average of every client's encoder fine-tuned once
+from the base); besides these, the name of any baseline (e.g. ``fedavg``) judges that
+baseline's global encoder."""
+EVAL_MODES = ("finetune", "linear_probe", "knn")
+"""How an encoder is judged at each client: full fine-tuning, a linear head on frozen
+features, or k-nearest neighbours on frozen features."""
+
+
+@dataclass(frozen=True)
+class PrimaryComparison:
+    """The pre-registered comparison the verdict is about: encoder ``a`` better than ``b``
+    in ``mode`` at ``label_fraction`` on ``metric`` by the one-sided ``test`` (Wilcoxon
+    signed-rank or paired t) over ``unit`` (``units``: (domain, replicate) pairs, each
+    replicate an independent pipeline; ``domains``: per-domain means over replicates),
+    Holm-corrected across every comparison the study reports on that metric."""
+
+    a: str = "main"
+    b: str = "base"
+    mode: str = "finetune"
+    label_fraction: float = 1.0
+    metric: Literal["auc", "acc"] = "auc"
+    test: Literal["wilcoxon", "ttest"] = "wilcoxon"
+    unit: Literal["units", "domains"] = "units"
+
+
 @dataclass(frozen=True)
 class EvaluationConfig:
     """What is measured after the main run (all federated: clients return metrics only).
 
     Attributes
     ----------
+    replicates
+        Independent whole pipelines (base pretraining, main run, evaluations, baselines),
+        replicate ``r`` with seed ``seed + r``; statistics treat (domain, replicate) as the
+        unit and domains as the top level of a hierarchical bootstrap.
+    encoders
+        Encoders every evaluation mode judges (see :data:`ENCODER_ARMS`; a baseline's name
+        judges its global encoder).
+    modes
+        Evaluation modes (see :data:`EVAL_MODES`).
+    label_fractions
+        Fractions of each client's train split that are labelled for the evaluations
+        (few-shot; a fixed stratified subset per replicate, nested across fractions).
     finetune_epochs
-        Budget of downstream fine-tuning, the same from the global encoder and from the
-        MIM base (the paper's baseline); 0 skips it.
+        Epochs of downstream fine-tuning (the same for every encoder); 0 skips every mode.
+    probe_epochs
+        Epochs of the linear probe's head training on frozen features.
+    knn_k
+        Neighbours of the k-NN evaluation.
     seeds
-        Seeds of the downstream fine-tuning (paired over domains x seeds).
+        Fine-tuning seeds within a replicate (averaged within the unit).
+    primary
+        The pre-registered primary comparison (:class:`PrimaryComparison`).
+    select_round
+        Which round's model a federated arm reports: ``last``, or ``best_val`` (the round
+        with the best mean federated val AUC among those that score every domain); the
+        same rule for every arm.
+    equal_budgets
+        Give every baseline the main run's client-epoch budget (its rounds derived from
+        it); a budget that cannot match is an error. ``false`` allows unequal budgets on
+        purpose (``baseline_rounds``).
     lodo_domains
         Leave-one-domain-out: for each, a global model is distilled without it and the
-        held-out domain is fine-tuned from it vs from the MIM base.
+        held-out domain is judged from it vs from the base. A domain whose images share a
+        source with the server's unlabelled pool (MedNIST) is refused: held out, MIM and
+        distillation would still see it.
     baselines
         Strategies run on the same data and base for the comparison table, e.g.
         ``[fedavg, fedprox, local, centralised]``.
     baseline_rounds
-        Rounds of each baseline (``None``: ``strategy.rounds``).
+        Rounds of each baseline (``None``: derived from the main run's budget).
     baseline_seeds
-        Seeds of each baseline (``None``: just ``seed``).
+        Seeds of each baseline within a single replicate (``None``: the replicate's seed).
+    baseline_options
+        Per-baseline strategy options.
     """
 
+    replicates: int = 1
+    encoders: tuple[str, ...] = ("main", "base")
+    modes: tuple[str, ...] = ("finetune",)
+    label_fractions: tuple[float, ...] = (1.0,)
     finetune_epochs: int = 0
+    probe_epochs: int = 30
+    knn_k: int = 11
     seeds: tuple[int, ...] = (0, 1, 2)
+    primary: PrimaryComparison = field(default_factory=PrimaryComparison)
+    select_round: Literal["last", "best_val"] = "last"
+    equal_budgets: bool = True
     lodo_domains: tuple[str, ...] = ()
     baselines: tuple[str, ...] = ()
     baseline_rounds: int | None = None
@@ -421,11 +542,33 @@ class EvaluationConfig:
 
     def __post_init__(self) -> None:
         _non_negative("evaluation", finetune_epochs=self.finetune_epochs)
-        _positive("evaluation", baseline_rounds=self.baseline_rounds)
-        for key in ("seeds", "lodo_domains", "baselines"):
+        _positive("evaluation", baseline_rounds=self.baseline_rounds,
+                  replicates=self.replicates, probe_epochs=self.probe_epochs,
+                  knn_k=self.knn_k)
+        for key in ("seeds", "lodo_domains", "baselines", "encoders", "modes",
+                    "label_fractions"):
             values = getattr(self, key)
             if len(set(values)) != len(values):
                 raise ValueError(f"evaluation.{key} has duplicates: {list(values)}")
+        for key, known in (("encoders", (*ENCODER_ARMS, *self.baselines)),
+                           ("modes", EVAL_MODES)):
+            bad = [v for v in getattr(self, key) if v not in known]
+            if bad:
+                raise ValueError(f"evaluation.{key}: unknown {bad}; known: {list(known)}"
+                                 + (" (or a name of evaluation.baselines)"
+                                    if key == "encoders" else ""))
+        if not self.encoders or not self.modes or not self.label_fractions:
+            raise ValueError("evaluation.encoders, modes and label_fractions may not be empty")
+        bad = [f for f in self.label_fractions if not 0.0 < f <= 1.0]
+        if bad:
+            raise ValueError(f"evaluation.label_fractions must be in (0, 1], got {bad}")
+        if self.finetune_epochs > 0 and not self.seeds:
+            raise ValueError("evaluation.seeds may not be empty when finetune_epochs > 0")
+        self._check_primary()
+        if self.replicates > 1 and self.baseline_seeds:
+            raise ValueError("evaluation.baseline_seeds re-seeds baselines within one "
+                             "replicate; with evaluation.replicates > 1 every baseline "
+                             "already runs once per replicate: drop baseline_seeds")
         for name in self.baselines:
             try:
                 resolve_strategy(name)
@@ -435,6 +578,20 @@ class EvaluationConfig:
         if extra:
             raise ValueError(f"evaluation.baseline_options names strategies that are not "
                              f"baselines: {extra}")
+
+    def _check_primary(self) -> None:
+        p = self.primary
+        if self.finetune_epochs == 0:
+            return  # no evaluation runs: the primary is about nothing
+        problems = [f"evaluation.primary.{k}={getattr(p, k)!r} is not in evaluation.{key} "
+                    f"{list(getattr(self, key))}"
+                    for k, key in (("a", "encoders"), ("b", "encoders"), ("mode", "modes"),
+                                   ("label_fraction", "label_fractions"))
+                    if getattr(p, k) not in getattr(self, key)]
+        if p.a == p.b:
+            problems.append("evaluation.primary compares an encoder with itself")
+        if problems:
+            raise ValueError("; ".join(problems))
 
     def baseline_strategy(self, name: str, rounds: int) -> StrategyConfig:
         """The strategy section of baseline ``name`` (its ``baseline_options``, else its
@@ -503,6 +660,15 @@ class ExperimentConfig:
         if unknown:
             raise ValueError(f"evaluation.lodo_domains name domains that are not in "
                              f"data.domains: {unknown}")
+        catalog = self.data.catalog()
+        shared = [d for d in self.evaluation.lodo_domains
+                  if catalog[d].source in POOL_SOURCES]
+        if shared:
+            raise ValueError(f"evaluation.lodo_domains: {shared} take their images from "
+                             f"MedNIST, as does the server's unlabelled pool (the other half "
+                             f"of the same classes, used by MIM and distillation): held out, "
+                             f"they would still be seen, so the test would not be out of "
+                             f"domain; hold out a domain of another source")
         try:  # the strategy's own plan must hold for these domains (e.g. stages)
             self.strategy.strategy_class.planned_rounds(self.strategy.options,
                                                         self.data.domains, self.strategy.rounds)
@@ -511,6 +677,8 @@ class ExperimentConfig:
         if self.pretrain.method == "mim" and self.model.arch != "vit":
             raise ValueError("pretrain.method=mim needs model.arch=vit (MONAI's MAE is a ViT); "
                              f"got model.arch={self.model.arch!r}")
+        for name in self.evaluation.baselines:
+            self.baseline_rounds(name)  # every baseline's budget must match (or be allowed)
 
     # -- what the experiment needs, from what its strategies declare ------------------------
     def strategy_classes(self) -> list[type]:
@@ -540,3 +708,57 @@ class ExperimentConfig:
         """Rounds of the main run, as its strategy plans them."""
         return self.strategy.strategy_class.planned_rounds(
             self.strategy.options, self.data.domains, self.strategy.rounds)
+
+    # -- budgets ---------------------------------------------------------------------------
+    def budget(self) -> int:
+        """The main run's budget: epochs each client trains over the whole run."""
+        return self.strategy.strategy_class.client_epochs(
+            self.strategy.options, self.data.domains, self.strategy.rounds,
+            self.train.local_epochs)
+
+    def baseline_rounds(self, name: str) -> int:
+        """Rounds of baseline ``name``: ``evaluation.baseline_rounds`` if set, else the
+        rounds that give it the main run's budget; unequal budgets are errors unless
+        ``evaluation.equal_budgets`` is false."""
+        ev = self.evaluation
+        cls = resolve_strategy(name)
+        options = ev.baseline_strategy(name, 1).options
+        budget = self.budget()
+        if ev.baseline_rounds is not None:
+            rounds = ev.baseline_rounds
+            got = cls.client_epochs(options, self.data.domains, rounds,
+                                    self.train.local_epochs)
+            if ev.equal_budgets and got != budget:
+                raise ValueError(
+                    f"evaluation.baseline_rounds={rounds} gives baseline {name!r} {got} "
+                    f"client epochs, the main run ({self.strategy.name}) {budget}: budgets "
+                    f"must be equal (drop baseline_rounds to derive them, or set "
+                    f"evaluation.equal_budgets=false to compare unequal budgets on purpose)")
+            return rounds
+        rounds = cls.rounds_for_budget(options, self.data.domains, budget,
+                                       self.train.local_epochs)
+        if rounds is None and ev.equal_budgets:
+            own = cls.client_epochs(options, self.data.domains, 1, self.train.local_epochs)
+            if own == cls.client_epochs(options, self.data.domains, 2,
+                                        self.train.local_epochs):  # plans its own rounds
+                raise ValueError(
+                    f"evaluation.baselines: {name!r} plans its own rounds and trains {own} "
+                    f"client epochs with its options, the main run ({self.strategy.name}) "
+                    f"{budget}: match them in evaluation.baseline_options.{name} (or set "
+                    f"evaluation.equal_budgets=false)")
+            per_round = cls.epochs_per_round(options, self.train.local_epochs)
+            raise ValueError(
+                f"evaluation.baselines: no whole number of rounds gives {name!r} the main "
+                f"run's budget of {budget} client epochs ({per_round} per round); set "
+                f"train.local_epochs to a divisor of {budget}")
+        return rounds if rounds is not None else self.strategy.rounds
+
+    def budgets(self) -> dict[str, int]:
+        """Client epochs of the main run and of every baseline (written in the summary)."""
+        out = {self.strategy.name: self.budget()}
+        for name in self.evaluation.baselines:
+            cls = resolve_strategy(name)
+            out[name] = cls.client_epochs(self.evaluation.baseline_strategy(name, 1).options,
+                                          self.data.domains, self.baseline_rounds(name),
+                                          self.train.local_epochs)
+        return out

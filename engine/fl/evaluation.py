@@ -1,8 +1,10 @@
 """Evaluations after the main run, all federated (clients return metrics only).
 
-* Downstream fine-tuning: every client fine-tunes a fresh head and the encoder for the same
-  budget (epochs, seeds, data, head init and batch order) from each candidate encoder —
-  the global model's and the MIM base's — and scores it on its own test split.
+* Encoder evaluations: every client judges each candidate encoder (the global model's, the
+  MIM base's, a random one, FedAvg's, the merged one) by full fine-tuning, a linear probe or
+  k-NN on frozen features, at a fraction of its labels, with the same budget (epochs,
+  seeds, labelled subset, head init and batch order) for every encoder, and scores it on
+  its own test split.
 * Leave-one-domain-out: a global model is distilled from the other domains' teachers only,
   then the held-out domain is fine-tuned from it and from the MIM base.
 """
@@ -23,33 +25,37 @@ from strategies.universal import teachers_from
 logger = logging.getLogger(__name__)
 
 
-def finetune_compare(actors: ClientPool, infos: Mapping[str, ClientInfo], cids: Sequence[str],
-                     encoders: Mapping[str, State], *, epochs: int, seeds: Sequence[int],
-                     results: Results) -> list[dict[str, Any]]:
-    """Fine-tune ``cids`` from each encoder in ``encoders`` (method -> encoder state).
+def evaluate_encoders(actors: ClientPool, infos: Mapping[str, ClientInfo],
+                      cids: Sequence[str], encoders: Mapping[str, State],
+                      config: Mapping[str, Any], *, seeds: Mapping[int, int],
+                      results: Results, replicate: int = 0) -> list[dict[str, Any]]:
+    """Judge each encoder of ``encoders`` (method -> encoder state) at ``cids``.
 
-    Each (client, seed) pair gets identical training randomness under every method, so the
-    methods differ only by their starting encoder. Rows go into ``results``; returns the
-    failed (method, seed, client) calls with their reasons, so a pair that drops out of a
-    comparison is reported, never silently missing.
+    Every client runs ``config`` (``mode``: ``finetune``, ``linear_probe`` or ``knn``;
+    ``label_fraction``, ``subset_seed``, ``epochs``, ``k``, see ``Client.finetune``) on a
+    fresh head from each encoder, once per evaluation seed (``seeds``: the seed recorded
+    -> the seed the clients train with), and returns only its test metrics. Each (client,
+    seed) gets identical randomness and labelled subset under every method, so the methods
+    differ only by their starting encoder. Rows go into ``results`` under ``replicate``;
+    returns the failed (method, seed, client) calls with their reasons, so a pair that drops
+    out of a comparison is reported, never silently missing.
     """
     failures: list[dict[str, Any]] = []
     for method, encoder in encoders.items():
         shared = dict(encoder)
-        for seed in seeds:
+        for seed, train_seed in seeds.items():
             instructions = {cid: FitIns(state=shared, fresh_heads=tuple(infos[cid].domains),
-                                        config={"epochs": epochs, "select_on_val": True,
-                                                "round": 0, "seed": seed})
+                                        config={**config, "round": 0, "seed": train_seed})
                             for cid in cids}
             done, failed = actors.run("finetune", instructions)
             for cid, reason in sorted(failed.items()):
-                logger.warning("fine-tuning %s (%s, seed %d) failed: %s", cid, method, seed,
-                               reason)
+                logger.warning("%s of %s (%s, seed %d) failed: %s", config.get("mode"), cid,
+                               method, seed, reason)
                 failures.append({"method": method, "seed": seed, "client": cid,
                                  "reason": str(reason)[:2000]})
             for cid, res in done.items():
                 for domain, metrics in res.metrics.items():
-                    results.add(method, seed, cid, domain, metrics)
+                    results.add(method, seed, cid, domain, metrics, replicate=replicate)
     return failures
 
 

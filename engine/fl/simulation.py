@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -137,6 +138,7 @@ class Simulation:
                 raise RunError(f"strategy {cfg.strategy.name!r} distils and needs a distiller")
             self.strategy.distiller = distiller
         self.rounds = self.strategy.num_rounds(cfg.strategy.rounds)
+        self.best: dict[str, Any] | None = None  # evaluation.select_round=best_val
         self.fit_cache = None
         if cfg.run.cache_fits:
             from engine.fl.fitcache import FitCache
@@ -148,7 +150,30 @@ class Simulation:
         self.strategy.load_state_dict(checkpoint.strategy)
         self.history = checkpoint.history
         self.history.truncate(checkpoint.round)
+        self.best = checkpoint.extra.get("best")
         return checkpoint.round + 1
+
+    # -- model selection -------------------------------------------------------------------
+    def _consider(self, server_round: int) -> None:
+        """Keep this round's model if it has the best mean federated val AUC so far among
+        rounds that score every domain (``evaluation.select_round=best_val``)."""
+        domains = {self.domain_of[c] for c in self.eval_cids}
+        val = self.val_auc(server_round)
+        if set(val) != domains:
+            return  # not every domain has a head yet (an early stage): not comparable
+        score = sum(val.values()) / len(val)
+        if self.best is None or score > self.best["score"]:
+            self.best = {"round": server_round, "score": score,
+                         "state": copy.deepcopy(self.strategy.state_dict())}
+
+    def select(self) -> int:
+        """Load the model the run reports: the best-on-val round's (``best_val``, when one
+        was eligible) or the last; returns its round."""
+        if self.cfg.evaluation.select_round != "best_val" or self.best is None:
+            return self.rounds
+        if self.best["round"] != self.rounds:
+            self.strategy.load_state_dict(self.best["state"])
+        return int(self.best["round"])
 
     # -- the loop --------------------------------------------------------------------------
     def run(self, start_round: int = 1) -> RunResult:
@@ -160,12 +185,15 @@ class Simulation:
                 every = self.cfg.run.evaluate_every
                 if every > 0 and (server_round % every == 0 or server_round == self.rounds):
                     self._evaluate(server_round, "val", progress)
+                    if self.cfg.evaluation.select_round == "best_val":
+                        self._consider(server_round)
                 if (server_round % self.cfg.run.checkpoint_every == 0
                         or server_round == self.rounds):
                     writing = time.perf_counter()
+                    extra = {"best": self.best} if self.best is not None else {}
                     save_checkpoint(self.storage, Checkpoint(server_round,
                                                              self.strategy.state_dict(),
-                                                             self.history),
+                                                             self.history, extra),
                                     keep=self.cfg.run.keep_checkpoints)
                     self.history.add(server_round, "", "server", {
                         "checkpoint_seconds": time.perf_counter() - writing})
@@ -173,6 +201,8 @@ class Simulation:
                 progress.advance_rounds(1)
                 for cb in self.callbacks:
                     cb.on_round_end(self, server_round)
+            selected = self.select()
+            self.history.add(self.rounds, "", "server", {"selected_round": float(selected)})
             self._evaluate(self.rounds, "test", progress)
         self._write_history()
         summary = self.summary()
@@ -281,9 +311,12 @@ class Simulation:
         aucs = [r["auc"] for r in domains.values() if not math.isnan(r["auc"])]
         throughput = [r.value for r in self.history.records
                       if r.phase == "server" and r.metric == "fit_samples_per_s"]
-        val = self.val_auc(self.rounds)
+        selected = (int(self.best["round"]) if self.best is not None
+                    and self.cfg.evaluation.select_round == "best_val" else self.rounds)
+        val = self.val_auc(selected)
         return {"name": self.cfg.name, "strategy": self.cfg.strategy.name,
-                "rounds": self.rounds, "seed": self.cfg.seed, "domains": domains,
+                "rounds": self.rounds, "selected_round": selected, "seed": self.cfg.seed,
+                "domains": domains,
                 "mean_test_auc": sum(aucs) / len(aucs) if aucs else math.nan,
                 "mean_val_auc": sum(val.values()) / len(val) if val else math.nan,
                 "fit_samples_per_s": sum(throughput) / len(throughput) if throughput else None,

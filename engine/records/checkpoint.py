@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,6 +22,8 @@ class Checkpoint:
     round: int
     strategy: dict[str, Any]
     history: History
+    extra: dict[str, Any] = field(default_factory=dict)
+    """The round loop's own state (e.g. the best-on-val model so far)."""
 
 
 def _name(server_round: int) -> str:
@@ -36,7 +38,8 @@ def save_checkpoint(storage: Storage, checkpoint: Checkpoint, keep: int = 2) -> 
     """
     rel = _name(checkpoint.round)
     buf = io.BytesIO()
-    torch.save({"round": checkpoint.round, "strategy": checkpoint.strategy}, buf)
+    torch.save({"round": checkpoint.round, "strategy": checkpoint.strategy,
+                "extra": checkpoint.extra}, buf)
     storage.write_bytes(f"{rel}/state.pt", buf.getvalue())
     storage.write_bytes(f"{rel}/history.parquet", checkpoint.history.to_parquet_bytes())
     storage.write_text(f"{rel}/COMPLETE", json.dumps({"round": checkpoint.round}))
@@ -62,4 +65,5 @@ def latest_checkpoint(storage: Storage) -> Checkpoint | None:
     rel = _name(rounds[-1])
     payload = torch.load(io.BytesIO(storage.read_bytes(f"{rel}/state.pt")), weights_only=True)
     history = History.from_parquet_bytes(storage.read_bytes(f"{rel}/history.parquet"))
-    return Checkpoint(round=int(payload["round"]), strategy=payload["strategy"], history=history)
+    return Checkpoint(round=int(payload["round"]), strategy=payload["strategy"], history=history,
+                      extra=dict(payload.get("extra") or {}))

@@ -14,8 +14,8 @@ from strategies.distill import DistillRequest
 
 def build_simulation(cfg: ExperimentConfig, storage: Storage, session: Session, *,
                      quiet: bool = True, callbacks: Sequence[Callback] = (),
-                     train_callbacks: Callable[[DistillRequest], list[Any]] | None = None
-                     ) -> Simulation:
+                     train_callbacks: Callable[[DistillRequest], list[Any]] | None = None,
+                     encoder: dict[str, Any] | None = None) -> Simulation:
     """The :class:`~engine.fl.simulation.Simulation` of ``cfg`` on a started ``session``.
 
     Parameters
@@ -30,11 +30,14 @@ def build_simulation(cfg: ExperimentConfig, storage: Storage, session: Session, 
         Progress display and round-loop hooks.
     train_callbacks
         Request -> Ray Train callbacks of each distillation (e.g. Tune's reporting).
+    encoder
+        The initial global encoder (default: the session's base).
 
     A strategy that declares ``distils`` gets a Ray Train distiller writing under
     ``<run dir>/train``; others get none.
     """
     distiller = (session.distiller(storage, train_callbacks)
                  if cfg.strategy.strategy_class.distils else None)
-    return Simulation(cfg, storage, session.actors, session.base, distiller=distiller,
+    start = session.base if encoder is None else encoder
+    return Simulation(cfg, storage, session.actors, start, distiller=distiller,
                       quiet=quiet, callbacks=callbacks)

@@ -16,6 +16,14 @@ from typing import Any
 
 from engine.cluster.resources import trial_phases, trial_resources
 from engine.config import ExperimentConfig, TrainScaling, to_dict
+from engine.run.names import (
+    LODO_LABEL,
+    base_label,
+    encoder_label,
+    method_name,
+    replicate_step,
+    step_name,
+)
 from strategies.factory import resolve_strategy
 from strategies.types import POOLED_CID
 
@@ -52,32 +60,46 @@ def _job(scaling: TrainScaling, purpose: list[str], **extra: Any) -> dict[str, A
             "gpus": scaling.num_workers * gpus, "for": purpose, **extra}
 
 
-def _base_label(cfg: ExperimentConfig) -> str:
-    return "mim" if cfg.pretrain.method == "mim" else "random-init"
-
-
 def _steps(cfg: ExperimentConfig) -> list[dict[str, Any]]:
-    """The steps of the study, in the order it runs them."""
+    """The steps of the study, in the order it runs them (replicate after replicate)."""
     ev = cfg.evaluation
     strategy = cfg.strategy.name
-    steps: list[dict[str, Any]] = [{"step": "main", "strategy": strategy,
-                                    "rounds": cfg.planned_rounds(), "seed": cfg.seed}]
-    if ev.finetune_epochs > 0 and ev.seeds:
-        steps.append({"step": "finetune", "arms": [f"{strategy}+ft", _base_label(cfg)],
-                      "epochs": ev.finetune_epochs, "seeds": list(ev.seeds)})
-    for domain in ev.lodo_domains:
-        steps.append({"step": f"lodo-{domain}", "held_out": domain,
-                      "arms": ["lodo:universal+ft", f"lodo:{_base_label(cfg)}"],
-                      "epochs": max(ev.finetune_epochs, 1), "seeds": list(ev.seeds)})
-    configured = ev.baseline_rounds or cfg.strategy.rounds
-    for name in ev.baselines:
-        section = ev.baseline_strategy(name, configured)
-        rounds = section.strategy_class.planned_rounds(section.options, cfg.data.domains,
-                                                       configured)
-        for seed in ev.baseline_seeds or (cfg.seed,):
-            steps.append({"step": f"baseline-{name}-seed{seed}", "strategy": name,
-                          "rounds": rounds, "seed": seed,
-                          "options": to_dict(section.options)})
+    steps: list[dict[str, Any]] = []
+    for r in range(ev.replicates):
+        seed = cfg.seed + r
+
+        def step(name: str, r: int = r) -> str:
+            return replicate_step(name, r, ev.replicates)
+
+        steps.append({"step": step("main"), "strategy": strategy,
+                      "rounds": cfg.planned_rounds(), "seed": seed,
+                      "client_epochs": cfg.budget()})
+        for name in ev.baselines:
+            rounds = cfg.baseline_rounds(name)
+            section = ev.baseline_strategy(name, rounds)
+            planned = section.strategy_class.planned_rounds(section.options, cfg.data.domains,
+                                                            rounds)
+            for bseed in ev.baseline_seeds or (seed,):
+                steps.append({"step": step(f"baseline-{name}-seed{bseed}"), "strategy": name,
+                              "rounds": planned, "seed": bseed,
+                              "client_epochs": cfg.budgets()[name],
+                              "options": to_dict(section.options)})
+        arms = [encoder_label(cfg, arm) for arm in ev.encoders]
+        if ev.finetune_epochs > 0:
+            for mode in ev.modes:
+                for fraction in ev.label_fractions:
+                    steps.append({"step": step(step_name(mode, fraction)), "mode": mode,
+                                  "label_fraction": fraction,
+                                  "arms": [method_name(a, mode, fraction) for a in arms],
+                                  "epochs": (ev.probe_epochs if mode == "linear_probe"
+                                             else ev.finetune_epochs),
+                                  "seeds": list(ev.seeds)})
+        for domain in ev.lodo_domains:
+            steps.append({"step": step(f"lodo-{domain}"), "held_out": domain,
+                          "arms": [f"lodo:{method_name(a, m, f)}"
+                                   for m in ev.modes for f in ev.label_fractions
+                                   for a in (LODO_LABEL, base_label(cfg))],
+                          "epochs": ev.finetune_epochs, "seeds": list(ev.seeds)})
     return steps
 
 
@@ -120,12 +142,8 @@ def placement_plan(cfg: ExperimentConfig) -> dict[str, Any]:
     pretrain = None
     if cfg.pretrain.method == "mim":
         pretrain = _job(cfg.pretrain, ["base"], epochs=cfg.pretrain.epochs, cached=True)
-    distill_for = []
-    if main_cls.distils:
-        distill_for.append("main")
-    distill_for += [s["step"] for s in steps if s["step"].startswith("lodo-")]
-    distill_for += [s["step"] for s in steps if s["step"].startswith("baseline-")
-                    and resolve_strategy(s["strategy"]).distils]
+    distill_for = [s["step"] for s in steps if "held_out" in s
+                   or ("strategy" in s and resolve_strategy(s["strategy"]).distils)]
     distill = (_job(cfg.distill, distill_for, steps=cfg.distill.steps)
                if distill_for else None)
 
@@ -144,7 +162,7 @@ def placement_plan(cfg: ExperimentConfig) -> dict[str, Any]:
                      "configured_rounds": cfg.strategy.rounds,
                      "options": to_dict(cfg.strategy.options),
                      "pooled": bool(main_cls.pooled), "distils": bool(main_cls.distils)},
-        "base": _base_label(cfg),
+        "base": base_label(cfg),
         "train_jobs": {"runs": cfg.runs_train_jobs, "pretrain": pretrain, "distill": distill},
         "steps": steps,
         "phases": [{"phase": name,
@@ -183,10 +201,11 @@ def _describe_job(job: dict[str, Any] | None) -> str:
 
 def _describe_step(step: dict[str, Any]) -> str:
     name = step["step"]
-    if name == "main" or name.startswith("baseline-"):
-        return f"{name}: {step['strategy']}, {step['rounds']} round(s), seed {step['seed']}"
-    if name == "finetune":
-        return (f"finetune: {' vs '.join(step['arms'])}, {step['epochs']} epoch(s), "
+    if "strategy" in step:
+        return (f"{name}: {step['strategy']}, {step['rounds']} round(s), seed {step['seed']}, "
+                f"{step['client_epochs']} client epoch(s)")
+    if "mode" in step:
+        return (f"{name}: {', '.join(step['arms'])}; {step['epochs']} epoch(s), "
                 f"seeds {step['seeds']}")
     return (f"{name}: distil without {step['held_out']}, then {' vs '.join(step['arms'])} "
             f"on it, {step['epochs']} epoch(s), seeds {step['seeds']}")

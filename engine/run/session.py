@@ -65,6 +65,12 @@ def client_specs(cfg: ExperimentConfig, pooled: bool) -> list[ClientSpec]:
     return specs
 
 
+def replicate_seeds(cfg: ExperimentConfig) -> list[int]:
+    """The seed of every replicate: ``seed + r`` for ``r < evaluation.replicates`` (replicate
+    0 is the run's own seed)."""
+    return [cfg.seed + r for r in range(cfg.evaluation.replicates)]
+
+
 def initial_encoder(cfg: ExperimentConfig) -> dict[str, torch.Tensor]:
     """The random initial global encoder, reproducible from ``cfg.seed``."""
     torch.manual_seed(derive_seed(cfg.seed, "initial-encoder"))
@@ -99,6 +105,8 @@ class Session:
         self.actors: Any = None
         self.base: dict[str, torch.Tensor] = {}
         self.base_info: dict[str, Any] = {}
+        self.bases: dict[int, dict[str, torch.Tensor]] = {}
+        self.base_infos: dict[int, dict[str, Any]] = {}
 
     def start(self) -> Session:
         """Connect to Ray, build shards, pretrain (or load) the base, start the actors.
@@ -111,20 +119,29 @@ class Session:
         started = time.monotonic()
         connect_for(self.cfg)
         specs = client_specs(self.cfg, self.pooled)
-        if self.cfg.pretrain.method == "mim":
-            from engine.train.mim import pretrained_base
+        for seed in replicate_seeds(self.cfg):  # one base per replicate, each cached
+            if self.cfg.pretrain.method == "mim":
+                from engine.train.mim import pretrained_base
 
-            self.base, self.base_info = pretrained_base(self.cfg.model, self.cfg.pretrain,
-                                                        self.cfg.data, self.cfg.seed,
-                                                        precision=self.cfg.train.precision,
-                                                        run=self.storage)
-            self.base_info["method"] = "mim"
-        else:
-            self.base, self.base_info = initial_encoder(self.cfg), {"method": "none"}
+                base, info = pretrained_base(self.cfg.model, self.cfg.pretrain, self.cfg.data,
+                                             seed, precision=self.cfg.train.precision,
+                                             run=self.storage)
+                info["method"] = "mim"
+            else:
+                base, info = initial_encoder(replace(self.cfg, seed=seed)), {"method": "none"}
+            self.bases[seed], self.base_infos[seed] = base, {**info, "seed": seed}
+        self.base, self.base_info = self.bases[self.cfg.seed], self.base_infos[self.cfg.seed]
         self.actors = ActorPool.start(self.cfg, specs, self.observers)
         logger.info("session started in %.1f s (base: %s)", time.monotonic() - started,
                     self.base_info["method"])
         return self
+
+    def base_for(self, seed: int) -> dict[str, torch.Tensor]:
+        """The base encoder of the replicate with ``seed``."""
+        if seed not in self.bases:
+            raise KeyError(f"no base encoder for seed {seed}; replicate seeds: "
+                           f"{sorted(self.bases)}")
+        return self.bases[seed]
 
     def distiller(self, storage: Storage, callbacks: Any = None) -> RayTrainDistiller:
         """A Ray Train distiller writing its checkpoints under ``<run dir>/train``, on the

@@ -1,18 +1,25 @@
-"""An experiment end to end: the main run, then the evaluations and baselines it asks for.
+"""An experiment end to end: the main run, then the baselines and evaluations it asks for,
+once per independent replicate.
 
-Steps (each resumable, each marked done under ``progress/`` in the run directory):
+Steps of each replicate (each resumable, each marked done under ``progress/``; with
+``evaluation.replicates > 1`` replicate ``r`` runs under ``replicates/<r>/`` with seed
+``seed + r`` and its steps are named ``r<r>-<step>``):
 
-1. ``main``: the configured strategy (e.g. ``universal``) from the base encoder;
-2. ``finetune``: downstream fine-tuning from the main run's global encoder vs the base;
-3. ``lodo-<domain>``: leave-one-domain-out generalisation;
-4. ``baseline-<name>-seed<k>``: each baseline strategy on the same data and base.
+1. ``main``: the configured strategy (e.g. ``universal``) from the replicate's base encoder;
+2. ``baseline-<name>-seed<k>``: each baseline strategy on the same data, base and budget;
+3. ``eval-<mode>[-<pct>pct]``: every encoder of ``evaluation.encoders`` judged by each
+   evaluation mode at each label fraction, at every client on its own data;
+4. ``lodo-<domain>``: leave-one-domain-out generalisation.
 
-Every test metric lands in ``results.parquet``; ``summary.json`` holds the per-method,
-per-domain table and the paired tests.
+Every test metric lands in ``results.parquet`` (with its replicate); ``summary.json`` holds
+the per-method, per-domain table with 95% CIs over replicates, every comparison with its
+hierarchical-bootstrap CI and Holm-corrected p, the budgets, and the verdict about the
+pre-registered primary comparison.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -20,25 +27,36 @@ import os
 import secrets
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from typing import Any
 
+import torch
 import yaml
 
 from engine.config import ExperimentConfig, from_dict, to_dict
 from engine.config.changes import classify_changes, config_changes, describe_refusal
-from engine.fl.evaluation import base_teachers, encoder_of, finetune_compare, lodo_encoder
+from engine.fl.evaluation import base_teachers, encoder_of, evaluate_encoders, lodo_encoder
 from engine.fl.simulation import Callback, RunError, RunResult, Simulation
 from engine.records.checkpoint import latest_checkpoint
 from engine.records.history import History
 from engine.records.lock import RunLock
 from engine.records.results import Results
-from engine.records.stats import paired_tests
+from engine.records.stats import compare_units, holm
 from engine.records.storage import Storage
 from engine.run.build import build_simulation
-from engine.run.session import Session, resolve_paths
-from strategies.types import POOLED_CID
+from engine.run.names import (
+    LODO_LABEL,
+    base_label,
+    encoder_label,
+    method_name,
+    replicate_step,
+    step_name,
+)
+from engine.run.session import Session, initial_encoder, replicate_seeds, resolve_paths
+from strategies.aggregate import weighted_average
+from strategies.distill import Teacher
+from strategies.types import POOLED_CID, State
 
 logger = logging.getLogger(__name__)
 
@@ -47,11 +65,29 @@ HISTORY = "history.parquet"
 STARTED_CONFIG = "progress/config.yaml"
 RESUMES = "progress/resumes.json"
 """The config the run's saved state was made with (``config.yaml`` is the user's to edit)."""
+ENCODER_FILE = "encoder.pt"
+def _tensors_bytes(state: State) -> bytes:
+    buf = io.BytesIO()
+    torch.save(dict(state), buf)
+    return buf.getvalue()
 
 
-def base_label(cfg: ExperimentConfig) -> str:
-    """Name of the base encoder as a method: ``mim`` (the paper's baseline) or ``random-init``."""
-    return "mim" if cfg.pretrain.method == "mim" else "random-init"
+@dataclass
+class Replicate:
+    """One independent whole pipeline of a study: its index, seed, config, run directory and
+    base encoder (and, once computed, the clients' teachers from the base)."""
+
+    index: int
+    seed: int
+    cfg: ExperimentConfig
+    storage: Storage
+    base: State
+    single: bool
+    teachers: list[Teacher] | None = None
+
+    def step(self, name: str) -> str:
+        """The progress step ``name`` of this replicate."""
+        return replicate_step(name, self.index, 1 if self.single else 2)
 
 
 class Study:
@@ -83,146 +119,292 @@ class Study:
 
     # -- steps -----------------------------------------------------------------------------
     def session(self) -> Session:
-        """The experiment's session (started: Ray, shards, base encoder, client actors)."""
+        """The experiment's session (started: Ray, shards, base encoders, client actors)."""
         observers = [cb.on_client_message for cb in self.callbacks]
         return Session(self.cfg, observers=observers, storage=self.storage).start()
 
+    def replicates(self, session: Session) -> list[Replicate]:
+        """Every replicate of the study, in order."""
+        seeds = replicate_seeds(self.cfg)
+        single = len(seeds) == 1
+        return [Replicate(r, seed, replace(self.cfg, seed=seed),
+                          self.storage if single else Storage(f"{self.storage.uri}/replicates/{r}"),
+                          session.base_for(seed), single)
+                for r, seed in enumerate(seeds)]
+
     def execute(self, session: Session) -> RunResult:
-        """Run every step not yet done; return the main run's result with the full summary."""
+        """Run every step not yet done; return the first replicate's main run with the full
+        summary."""
         ev = self.cfg.evaluation
         self._clock = time.monotonic()
-        main = self._main(session)
-        if ev.finetune_epochs > 0 and ev.seeds:
-            self._finetune(session, main)
-        if ev.lodo_domains:
-            self._lodo(session)
-        for name in ev.baselines:
-            for seed in ev.baseline_seeds or (self.cfg.seed,):
-                self._baseline(session, name, seed)
-        summary = self.summary(main.summary, session.base_info)
+        mains = []
+        for rep in self.replicates(session):
+            main = self._main(session, rep)
+            mains.append(main)
+            for name in ev.baselines:
+                for seed in ev.baseline_seeds or (rep.seed,):
+                    self._baseline(session, rep, name, seed)
+            if ev.finetune_epochs > 0:
+                self._evaluations(session, rep, main)
+            if ev.lodo_domains:
+                self._lodo(session, rep)
+        summary = self.summary(mains[0].summary, session.base_info)
+        summary["bases"] = [{k: v for k, v in session.base_infos[rep_seed].items()
+                             if k not in ("path", "curve")}
+                            for rep_seed in replicate_seeds(self.cfg)]
         self.storage.write_text("summary.json", json.dumps(summary, indent=2, default=float))
-        return replace(main, summary=summary, results=Results(self.results.rows))
+        return replace(mains[0], summary=summary, results=Results(self.results.rows))
 
-    def _main(self, session: Session) -> RunResult:
-        sim = build_simulation(self.cfg, self.storage, session, quiet=self.quiet,
-                               callbacks=self.callbacks)
-        checkpoint = latest_checkpoint(self.storage)
-        if self._done("main") and checkpoint is not None and checkpoint.round >= sim.rounds:
+    def _main(self, session: Session, rep: Replicate) -> RunResult:
+        sim = build_simulation(rep.cfg, rep.storage, session, quiet=self.quiet,
+                               callbacks=self.callbacks, encoder=rep.base)
+        checkpoint = latest_checkpoint(rep.storage)
+        if (self._done(rep.step("main")) and checkpoint is not None
+                and checkpoint.round >= sim.rounds):
             sim.restore(checkpoint)
+            sim.select()
             # the checkpoint's history stops before the final test evaluation; the run's
             # own history.parquet holds it (never recompute the summary from partial state)
-            sim.history = History.from_parquet_bytes(self.storage.read_bytes(HISTORY))
-            return RunResult(self.storage.uri, self.cfg, sim.history, sim.summary(),
+            sim.history = History.from_parquet_bytes(rep.storage.read_bytes(HISTORY))
+            return RunResult(rep.storage.uri, rep.cfg, sim.history, sim.summary(),
                              sim.strategy.state_dict())
         start = sim.restore(checkpoint) if checkpoint is not None else 1
         if checkpoint is not None:
-            logger.info("resuming %s after round %d", self.storage.uri, checkpoint.round)
+            logger.info("resuming %s after round %d", rep.storage.uri, checkpoint.round)
         result = sim.run(start_round=start)
         method = self.cfg.strategy.name
-        self.results.drop(method)
-        self._add_history(method, self.cfg.seed, sim)
+        self.results.drop(method, replicate=rep.index)
+        self._add_history(method, rep.seed, sim, rep.index)
         curves = result.strategy_state.get("curves")
         if curves:
-            self.storage.write_text("distill_curves.json", json.dumps(
+            rep.storage.write_text("distill_curves.json", json.dumps(
                 {str(k): v for k, v in curves.items()}, default=float))
-        self._mark("main")
+        self._mark(rep.step("main"), {"selected_round": result.summary.get("selected_round")})
         return result
 
-    def _add_history(self, method: str, seed: int, sim: Simulation) -> None:
+    def _add_history(self, method: str, seed: int, sim: Simulation, replicate: int) -> None:
         for metric in ("auc", "acc"):
             for (client, domain), value in sim.history.latest("test", metric).items():
-                self.results.add(method, seed, client, domain, {metric: value})
+                self.results.add(method, seed, client, domain, {metric: value},
+                                 replicate=replicate)
 
-    def _finetune(self, session: Session, main: RunResult) -> None:
-        if self._done("finetune"):
+    def _baseline(self, session: Session, rep: Replicate, name: str, seed: int) -> None:
+        step = rep.step(f"baseline-{name}-seed{seed}")
+        if self._done(step):
             return
+        rounds = self.cfg.baseline_rounds(name)
+        cfg = replace(rep.cfg, seed=seed, name=f"{self.cfg.name}-{name}",
+                      strategy=self.cfg.evaluation.baseline_strategy(name, rounds))
+        storage = Storage(f"{rep.storage.uri}/baselines/{name}-seed{seed}")
+        saved = replace(self.saved, seed=seed, name=cfg.name, strategy=cfg.strategy)
+        storage.write_text("config.yaml", yaml.safe_dump(to_dict(saved), sort_keys=False))
+        sim = build_simulation(cfg, storage, session, quiet=self.quiet,
+                               callbacks=self.callbacks, encoder=rep.base)
+        checkpoint = latest_checkpoint(storage)
+        result = sim.run(start_round=sim.restore(checkpoint) if checkpoint is not None else 1)
+        storage.write_bytes(ENCODER_FILE, _tensors_bytes(encoder_of(result.strategy_state
+                                                                    ["encoder"])))
+        self.results.drop(name, replicate=rep.index)
+        self._add_history(name, seed, sim, rep.index)
+        self._mark(step, {"selected_round": result.summary.get("selected_round")})
+
+    def _teachers(self, session: Session, rep: Replicate) -> list[Teacher]:
+        """Every client fine-tuned once from the replicate's base for the main run's budget
+        (the merged encoder's parts and the LODO global models' teachers)."""
+        if rep.teachers is None:
+            infos = session.actors.infos()
+            cids = sorted(c for c in infos if c != POOLED_CID)
+            rep.teachers = base_teachers(session.actors, infos, cids, rep.base,
+                                         epochs=self.cfg.budget(), seed=rep.seed)
+        return rep.teachers
+
+    def _arms(self, session: Session, rep: Replicate, main: RunResult) -> dict[str, State]:
+        """Encoder label -> encoder state, for every arm of ``evaluation.encoders``."""
+        arms: dict[str, State] = {}
+        for arm in self.cfg.evaluation.encoders:
+            label = encoder_label(self.cfg, arm)
+            if arm == "main":
+                arms[label] = encoder_of(main.strategy_state["encoder"])
+            elif arm == "base":
+                arms[label] = rep.base
+            elif arm == "random":
+                arms[label] = initial_encoder(replace(rep.cfg, seed=rep.seed + 7919))
+            elif arm == "merged":
+                teachers = self._teachers(session, rep)
+                parts = list({t.cid: t for t in teachers}.values())  # one encoder per client
+                arms[label] = weighted_average([encoder_of(t.state) for t in parts],
+                                               [t.weight for t in parts])
+            else:  # a baseline's global encoder
+                seed = (self.cfg.evaluation.baseline_seeds or (rep.seed,))[0]
+                folder = Storage(f"{rep.storage.uri}/baselines/{arm}-seed{seed}")
+                arms[label] = torch.load(io.BytesIO(folder.read_bytes(ENCODER_FILE)),
+                                         weights_only=True)
+        return arms
+
+    def _evaluations(self, session: Session, rep: Replicate, main: RunResult) -> None:
+        ev = self.cfg.evaluation
+        pending = [(m, f) for m in ev.modes for f in ev.label_fractions
+                   if not self._done(rep.step(step_name(m, f)))]
+        if not pending:
+            return
+        arms = self._arms(session, rep, main)
         infos = session.actors.infos()
         cids = sorted(c for c in infos if c != POOLED_CID)
-        arms = {f"{self.cfg.strategy.name}+ft": encoder_of(main.strategy_state["encoder"]),
-                base_label(self.cfg): session.base}
-        for method in arms:
-            self.results.drop(method)
-        logger.info("downstream fine-tuning of %d clients from %s, seeds %s", len(cids),
-                    list(arms), list(self.cfg.evaluation.seeds))
-        failed = finetune_compare(session.actors, infos, cids, arms,
-                                  epochs=self.cfg.evaluation.finetune_epochs,
-                                  seeds=self.cfg.evaluation.seeds, results=self.results)
-        self._mark("finetune", {"failures": failed})
+        for mode, fraction in pending:
+            methods = {method_name(label, mode, fraction): enc for label, enc in arms.items()}
+            for method in methods:
+                self.results.drop(method, replicate=rep.index)
+            logger.info("replicate %d: %s at %g%% of the labels, encoders %s", rep.index,
+                        mode, fraction * 100, list(arms))
+            failed = evaluate_encoders(session.actors, infos, cids, methods,
+                                       self._eval_config(rep, mode, fraction),
+                                       seeds=self._eval_seeds(rep), results=self.results,
+                                       replicate=rep.index)
+            self._mark(rep.step(step_name(mode, fraction)), {"failures": failed})
 
-    def _lodo(self, session: Session) -> None:
-        pending = [d for d in self.cfg.evaluation.lodo_domains if not self._done(f"lodo-{d}")]
+    def _eval_config(self, rep: Replicate, mode: str, fraction: float) -> dict[str, Any]:
+        ev = self.cfg.evaluation
+        epochs = ev.probe_epochs if mode == "linear_probe" else ev.finetune_epochs
+        return {"mode": mode, "label_fraction": fraction, "subset_seed": rep.seed,
+                "epochs": epochs, "select_on_val": True, "k": ev.knn_k}
+
+    def _eval_seeds(self, rep: Replicate) -> dict[int, int]:
+        """Evaluation seed -> the seed its clients train with in this replicate."""
+        return {k: k + 1000 * rep.index for k in self.cfg.evaluation.seeds}
+
+    def _lodo(self, session: Session, rep: Replicate) -> None:
+        ev = self.cfg.evaluation
+        pending = [d for d in ev.lodo_domains if not self._done(rep.step(f"lodo-{d}"))]
         if not pending:
             return
         infos = session.actors.infos()
         cids = sorted(c for c in infos if c != POOLED_CID)
-        epochs = (getattr(self.cfg.strategy.options, "local_epochs", None)
-                  or self.cfg.train.local_epochs)
-        teachers = base_teachers(session.actors, infos, cids, session.base, epochs=epochs,
-                                 seed=self.cfg.seed)
-        distiller = session.distiller(self.storage)
+        teachers = self._teachers(session, rep)
+        distiller = session.distiller(rep.storage)
         for domain in pending:
-            encoder, result = lodo_encoder(distiller, session.base, teachers, domain,
-                                           self.cfg.distill, seed=self.cfg.seed)
+            encoder, result = lodo_encoder(distiller, rep.base, teachers, domain,
+                                           self.cfg.distill, seed=rep.seed)
             held = [c for c in cids if domain in infos[c].domains]
-            arms = {"lodo:universal+ft": encoder, f"lodo:{base_label(self.cfg)}": session.base}
-            failed = finetune_compare(session.actors, infos, held, arms,
-                                      epochs=max(self.cfg.evaluation.finetune_epochs, 1),
-                                      seeds=self.cfg.evaluation.seeds, results=self.results)
-            self._mark(f"lodo-{domain}", {"curve": result.curve, "failures": failed})
-
-    def _baseline(self, session: Session, name: str, seed: int) -> None:
-        step = f"baseline-{name}-seed{seed}"
-        if self._done(step):
-            return
-        rounds = self.cfg.evaluation.baseline_rounds or self.cfg.strategy.rounds
-        cfg = replace(self.cfg, seed=seed, name=f"{self.cfg.name}-{name}",
-                      strategy=self.cfg.evaluation.baseline_strategy(name, rounds))
-        storage = Storage(f"{self.storage.uri}/baselines/{name}-seed{seed}")
-        saved = replace(self.saved, seed=seed, name=cfg.name, strategy=cfg.strategy)
-        storage.write_text("config.yaml", yaml.safe_dump(to_dict(saved), sort_keys=False))
-        sim = build_simulation(cfg, storage, session, quiet=self.quiet,
-                               callbacks=self.callbacks)
-        checkpoint = latest_checkpoint(storage)
-        sim.run(start_round=sim.restore(checkpoint) if checkpoint is not None else 1)
-        self._add_history(name, seed, sim)
-        self._mark(step)
+            failed: list[dict[str, Any]] = []
+            for mode in ev.modes:
+                for fraction in ev.label_fractions:
+                    methods = {
+                        f"lodo:{method_name(LODO_LABEL, mode, fraction)}": encoder,
+                        f"lodo:{method_name(base_label(self.cfg), mode, fraction)}": rep.base}
+                    failed += evaluate_encoders(
+                        session.actors, infos, held, methods,
+                        self._eval_config(rep, mode, fraction), seeds=self._eval_seeds(rep),
+                        results=self.results, replicate=rep.index)
+            self._mark(rep.step(f"lodo-{domain}"), {"curve": result.curve, "failures": failed,
+                                                    "teachers": sorted({t.domain for t in
+                                                                        teachers
+                                                                        if t.domain != domain})})
 
     # -- summary ---------------------------------------------------------------------------
     def comparisons(self) -> list[dict[str, Any]]:
-        """Paired tests: fine-tuned from the global encoder vs from the base (and LODO)."""
-        label = base_label(self.cfg)
-        candidates = [(f"{self.cfg.strategy.name}+ft", label, "downstream"),
-                      ("lodo:universal+ft", f"lodo:{label}", "leave-one-domain-out")]
+        """Every comparison the study reports, AUC first, each over (domain, replicate)
+        units with a hierarchical-bootstrap CI; Holm-corrected over the AUC family, and the
+        pre-registered primary one marked."""
+        ev, cfg = self.cfg.evaluation, self.cfg
+        primary = ev.primary
+        prim = (method_name(encoder_label(cfg, primary.a), primary.mode, primary.label_fraction),
+                method_name(encoder_label(cfg, primary.b), primary.mode,
+                            primary.label_fraction), primary.metric)
+        candidates: list[tuple[str, str, str, str, float]] = []
+        main = encoder_label(cfg, "main")
+        for mode in ev.modes:
+            for fraction in ev.label_fractions:
+                a = method_name(main, mode, fraction)
+                for arm in ev.encoders:
+                    if arm != "main":
+                        b = method_name(encoder_label(cfg, arm), mode, fraction)
+                        candidates.append((a, b, "downstream", mode, fraction))
+                candidates.append((f"lodo:{method_name(LODO_LABEL, mode, fraction)}",
+                                   f"lodo:{method_name(base_label(cfg), mode, fraction)}",
+                                   "leave-one-domain-out", mode, fraction))
+        for name in ev.baselines:
+            candidates.append((cfg.strategy.name, name, "global model", "global", 1.0))
+        if (prim[0], prim[1]) not in {(a, b) for a, b, *_ in candidates}:
+            candidates.insert(0, (prim[0], prim[1], "downstream", primary.mode,
+                                  primary.label_fraction))
         out = []
-        for a, b, kind in candidates:
+        for a, b, kind, mode, fraction in candidates:
             for metric in ("auc", "acc"):
-                keys, va, vb = self.results.pairs(a, b, metric)
-                if keys:
-                    out.append({"a": a, "b": b, "kind": kind, "metric": metric,
-                                "pairs": [list(k) for k in keys], **paired_tests(va, vb)})
+                va, vb = self.results.per_unit(a, metric), self.results.per_unit(b, metric)
+                if not set(va) & set(vb):
+                    continue
+                stats = compare_units(va, vb, seed=cfg.seed)
+                out.append({"a": a, "b": b, "kind": kind, "mode": mode,
+                            "label_fraction": fraction, "metric": metric,
+                            "primary": (a, b, metric) == prim, **stats})
+        family = {i: self._p(c) for i, c in enumerate(out) if c["metric"] == primary.metric}
+        adjusted = holm({str(i): p for i, p in family.items()})
+        for i, c in enumerate(out):
+            c["p"] = self._p(c)
+            c["holm_p"] = adjusted.get(str(i), math.nan)
         return out
 
+    def _p(self, comparison: dict[str, Any]) -> float:
+        """The pre-registered test's one-sided p (``a > b``) of a comparison."""
+        primary = self.cfg.evaluation.primary
+        unit = "over_units" if primary.unit == "units" else "over_domains"
+        return float(comparison[unit][f"{primary.test}_p_greater"])
+
     def summary(self, main: dict[str, Any], base_info: dict[str, Any]) -> dict[str, Any]:
-        """The run summary plus every method's per-domain table and the paired tests."""
-        methods = {}
+        """The run summary plus every method's per-domain table, the comparisons, the
+        budgets and the verdict on the primary comparison."""
+        methods: dict[str, dict[str, dict[str, Any]]] = {}
         for metric in ("auc", "acc"):
             for method, rows in self.results.table(metric).items():
-                for domain, (mean, std, n) in rows.items():
-                    methods.setdefault(method, {}).setdefault(domain, {})[metric] = {
-                        "mean": mean, "std": std, "n": n}
+                for domain, cell in rows.items():
+                    methods.setdefault(method, {}).setdefault(domain, {})[metric] = dict(cell)
         comparisons = self.comparisons()
-        downstream = next((c for c in comparisons if c["kind"] == "downstream"
-                           and c["metric"] == "auc"), None)
+        primary = next((c for c in comparisons if c["primary"]), None)
         verdict = None
-        if downstream is not None:
-            p = downstream["wilcoxon_p_greater"]
-            verdict = {"comparison": f"{downstream['a']} > {downstream['b']} (AUC)",
-                       "mean_diff": downstream["mean_diff"], "wilcoxon_p_greater": p,
-                       "held": bool(not math.isnan(p) and p < 0.05
-                                    and downstream["mean_diff"] > 0)}
+        spec = self.cfg.evaluation.primary
+        over = "(domain, replicate) units" if spec.unit == "units" else "domains"
+        if primary is not None:
+            held = bool(not math.isnan(primary["holm_p"]) and primary["holm_p"] < 0.05
+                        and primary["mean_diff"] > 0)
+            verdict = {"comparison": f"{primary['a']} > {primary['b']} "
+                                     f"({spec.metric.upper()})",
+                       "mode": spec.mode, "label_fraction": spec.label_fraction,
+                       "mean_diff": primary["mean_diff"], "ci95": primary["ci95"],
+                       "p": primary["p"], "holm_p": primary["holm_p"],
+                       "test": f"one-sided {spec.test} over {over}",
+                       "n_domains": primary["n_domains"],
+                       "n_replicates": primary["n_replicates"], "held": held}
         base = {k: v for k, v in base_info.items() if k != "path"}
-        return {**main, "base": base, "methods": methods, "comparisons": comparisons,
-                "claim": verdict, "evaluation_failures": self.evaluation_failures()}
+        return {**main, "base": base, "replicates": self.cfg.evaluation.replicates,
+                "replicate_seeds": replicate_seeds(self.cfg),
+                "budgets": {"client_epochs": self.cfg.budgets(),
+                            "evaluation_epochs": self.cfg.evaluation.finetune_epochs,
+                            "probe_epochs": self.cfg.evaluation.probe_epochs},
+                "pool": self.pool_description(), "primary": asdict(spec),
+                "methods": methods, "heads_vs_local": self.heads_vs_local(methods),
+                "comparisons": comparisons, "claim": verdict,
+                "evaluation_failures": self.evaluation_failures()}
+
+    def pool_description(self) -> dict[str, Any]:
+        """What the server's unlabelled pool held (said in the report)."""
+        return {"sources": ["MedNIST: the half of every MedNIST class not given to any "
+                            "client (mednist_seed "
+                            f"{self.cfg.data.mednist_seed})"],
+                "cap": self.cfg.data.pool_size,
+                "modalities": "CT, MRI, X-ray (the MedNIST classes)"}
+
+    def heads_vs_local(self, methods: dict[str, Any]) -> dict[str, Any]:
+        """Per domain: the main run's global model (its heads) minus local training, test
+        AUC (mean over replicates); the target is within 0.03."""
+        main, local = methods.get(self.cfg.strategy.name), methods.get("local")
+        if not main or not local:
+            return {}
+        out = {}
+        for domain in self.cfg.data.domains:
+            if "auc" in main.get(domain, {}) and "auc" in local.get(domain, {}):
+                diff = main[domain]["auc"]["mean"] - local[domain]["auc"]["mean"]
+                out[domain] = {"diff": diff, "within_0.03": bool(diff >= -0.03)}
+        return out
 
     def evaluation_failures(self) -> list[dict[str, Any]]:
         """Every failed fine-tuning call of the evaluations, by step (the pairs that dropped

@@ -1,6 +1,6 @@
 """Crash safety of the whole universal pipeline: one run's driver is SIGKILLed at a random
 point inside each step in turn (MIM pretraining, a stage's local training, a distillation,
-fine-tuning, leave-one-domain-out, a baseline), resumed after every kill, and its final
+a baseline, fine-tuning, leave-one-domain-out), resumed after every kill, and its final
 results equal those of an uninterrupted run."""
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ PIPELINE = [
     "pretrain.batch_size=64", "strategy.local_epochs=1", "distill.steps=20",
     "distill.eval_every=10", "evaluation.finetune_epochs=1", "evaluation.seeds=[0]",
     "evaluation.lodo_domains=[breast]", "evaluation.baselines=[fedavg]",
-    "evaluation.baseline_rounds=2", "train.local_epochs=1",
+    "evaluation.modes=[finetune]", "evaluation.encoders=[main,base]",
+    "evaluation.baseline_rounds=2", "evaluation.equal_budgets=false", "train.local_epochs=1",
 ]
 COMPARED = ("domains", "methods", "comparisons", "claim", "mean_test_auc")
 
@@ -39,9 +40,9 @@ STEPS: dict[str, str] = {
     "pretrain": "cache:bases/ray-train",
     "stage": "checkpoints/round-0001/COMPLETE",      # round 2: the second stage's training
     "distil": "train/distill-round-0002",
-    "finetune": "progress/main.done",
-    "lodo": "progress/finetune.done",
     "baseline": "baselines/fedavg-seed0/checkpoints/round-0001/COMPLETE",  # in round 2
+    "finetune": "progress/baseline-fedavg-seed0.done",
+    "lodo": "progress/eval-finetune.done",
 }
 DELAY_S = {"stage": 0.3, "baseline": 0.2}  # longest random delay after a marker (else 1.5 s)
 
@@ -109,6 +110,6 @@ def test_sigkill_in_every_step_then_resume_gives_the_same_results(
         _kill_when(proc, target.exists, delay=rng.uniform(0.0, DELAY_S.get(step, 1.5)))
         killed.append(step)
         command = _resume_cli(run_dir, data_root)
-    assert not (run_dir / "progress" / "baseline-fedavg-seed0.done").exists(), killed
+    assert not (run_dir / "progress" / "lodo-breast.done").exists(), killed
     resume(run_dir, data_root=str(data_root), quiet=True)
     assert _summary(run_dir) == expected, f"killed in {killed}: results differ"

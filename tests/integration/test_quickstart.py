@@ -20,8 +20,10 @@ from strategies.types import ClientInfo, EvaluateRes, FitRes
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_local")]
 REPO = Path(__file__).resolve().parents[2]
-METHODS = ["universal", "universal+ft", "mim", "lodo:universal+ft", "lodo:mim", "fedavg",
-           "fedprox", "local", "centralised"]
+METHODS = ["universal", "fedavg", "fedprox", "local", "centralised",
+           *(f"{arm}+{tag}" for tag in ("ft", "lp", "knn") for arm in ("universal", "mim",
+                                                                         "merged")),
+           *(f"lodo:{arm}+{tag}" for tag in ("ft", "lp", "knn") for arm in ("universal", "mim"))]
 
 
 class PrivacyAudit(Callback):
@@ -60,7 +62,7 @@ def test_quickstart_reports_every_method_and_domain(quickstart: tuple[Path, Any,
     out, result, _ = quickstart
     summary = json.loads((out / "summary.json").read_text())
     domains = load_config(REPO / "experiments" / "quickstart.yaml").data.domains
-    assert list(summary["methods"]) == METHODS
+    assert sorted(summary["methods"]) == sorted(METHODS)
     for method in METHODS:
         expected = ["breast"] if method.startswith("lodo") else list(domains)
         rows = summary["methods"][method]
@@ -68,12 +70,23 @@ def test_quickstart_reports_every_method_and_domain(quickstart: tuple[Path, Any,
         for domain in expected:
             auc = rows[domain]["auc"]["mean"]
             assert 0.0 <= auc <= 1.0 and not math.isnan(auc), (method, domain)
-    assert summary["methods"]["mim"]["breast"]["auc"]["n"] == 2  # two seeds
+    assert summary["methods"]["mim+ft"]["breast"]["auc"]["n"] == 2  # one replicate: 2 seeds
     downstream = [c for c in summary["comparisons"] if c["kind"] == "downstream"]
     assert {c["metric"] for c in downstream} == {"auc", "acc"}
-    assert all(c["n"] == 16 for c in downstream)  # 8 domains x 2 seeds
-    assert 0.0 <= downstream[0]["wilcoxon_p"] <= 1.0 and 0.0 <= downstream[0]["ttest_p"] <= 1.0
+    assert {(c["a"], c["b"]) for c in downstream} == {
+        (f"universal+{t}", f"{b}+{t}") for t in ("ft", "lp", "knn") for b in ("mim", "merged")}
+    # one replicate: the units are the 8 domains (the seeds are averaged within a unit)
+    assert all(c["over_units"]["n"] == 8 and c["n_replicates"] == 1 for c in downstream)
+    first = downstream[0]
+    assert 0.0 <= first["over_units"]["wilcoxon_p"] <= 1.0 and first["ci95"][0] <= first["ci95"][1]
+    assert all(0.0 <= c["holm_p"] <= 1.0 for c in summary["comparisons"] if c["metric"] == "auc")
+    primary = [c for c in summary["comparisons"] if c["primary"]]
+    assert [(c["a"], c["b"], c["metric"]) for c in primary] == [("universal+ft", "mim+ft", "auc")]
+    assert summary["claim"]["holm_p"] == primary[0]["holm_p"]
     assert isinstance(summary["claim"]["held"], bool)
+    budgets = summary["budgets"]["client_epochs"]
+    assert set(budgets.values()) == {3} and set(budgets) == {"universal", "fedavg", "fedprox",
+                                                             "local", "centralised"}
     assert summary["base"]["method"] == "mim" and len(summary["base"]["curve"]) == 3
     curves = json.loads((out / "distill_curves.json").read_text())
     assert sorted(curves) == ["1", "2"] and all(0 <= r["agreement"] <= 1 for r in curves["1"])
@@ -83,7 +96,7 @@ def test_quickstart_reports_every_method_and_domain(quickstart: tuple[Path, Any,
 
     assert cli(["report", str(out)]) == 0
     report = (out / "report.md").read_text()
-    for name in [*METHODS, *domains, "Wilcoxon", "The paper's claim"]:
+    for name in [*METHODS, *domains, "Wilcoxon", "Pre-registered primary comparison"]:
         assert name in report, name
     for png in ("auc_by_method.png", "distill_curves.png", "mim_loss.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

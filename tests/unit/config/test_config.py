@@ -69,7 +69,7 @@ def test_from_dict_int_is_accepted_for_float() -> None:
     ({}, False),
     ({"strategy": {"name": "universal"}}, True),
     ({"pretrain": {"method": "mim"}}, True),
-    ({"evaluation": {"baselines": ["fedavg", "universal"]}}, True),
+    ({"evaluation": {"baselines": ["fedavg", "universal"], "equal_budgets": False}}, True),
 ])
 def test_dashboard_only_where_ray_train_runs(overrides: dict, expected: bool) -> None:
     cfg = from_dict(ExperimentConfig, {"strategy": {"name": "fedavg"}, **overrides})

@@ -37,10 +37,13 @@ def test_quickstart_plan() -> None:
     assert jobs["distill"]["for"] == ["main", "lodo-breast"]
     assert jobs["distill"]["cpus"] == 1.0 and jobs["distill"]["gpus"] == 0.0
     assert [s["step"] for s in plan["steps"]] == [
-        "main", "finetune", "lodo-breast", "baseline-fedavg-seed0", "baseline-fedprox-seed0",
-        "baseline-local-seed0", "baseline-centralised-seed0"]
-    finetune = plan["steps"][1]
-    assert finetune["arms"] == ["universal+ft", "mim"] and finetune["seeds"] == [0, 1]
+        "main", "baseline-fedavg-seed0", "baseline-fedprox-seed0", "baseline-local-seed0",
+        "baseline-centralised-seed0", "eval-finetune", "eval-linear_probe", "eval-knn",
+        "lodo-breast"]
+    assert {s["client_epochs"] for s in plan["steps"] if "strategy" in s} == {3}
+    finetune = plan["steps"][5]
+    assert finetune["arms"] == ["universal+ft", "mim+ft", "merged+ft"]
+    assert finetune["seeds"] == [0, 1] and plan["steps"][6]["epochs"] == 30
     assert [p["phase"] for p in plan["phases"]] == ["pretrain", "rounds"]
     assert plan["phases"][1]["cpus"] == 2.0
     assert (plan["peak"]["cpus"], plan["peak"]["gpus"]) == trial_resources(cfg) == (2.0, 0.0)
@@ -75,6 +78,7 @@ def test_baselines_seeds_and_distilling_baseline() -> None:
     cfg = load_config(SMOKE, ["evaluation.baselines=[universal, fedprox]",
                               "evaluation.baseline_seeds=[3, 4]",
                               "evaluation.baseline_rounds=5",
+                              "evaluation.equal_budgets=false",
                               "evaluation.baseline_options={universal: {num_stages: 1, "
                               "rounds_per_stage: 2}}",
                               "evaluation.finetune_epochs=0"])
@@ -100,7 +104,7 @@ def test_distill_scaling_on_gpus() -> None:
     assert (distill["workers"], distill["gpus_per_worker"], distill["gpus"]) == (2, 0.5, 1.0)
     assert plan["peak"] == {"cpus": 3.0, "gpus": 1.5}
     assert plan["base"] == "random-init"
-    assert plan["steps"][1]["arms"] == ["universal+ft", "random-init"]
+    assert plan["steps"][5]["arms"] == ["universal+ft", "random-init+ft", "merged+ft"]
 
 
 def test_format_plan() -> None:
@@ -113,7 +117,8 @@ def test_format_plan() -> None:
     assert "num_stages=2" in text and "select_on_val=true" in text
     assert "distill    1 worker(s) x (1 CPU, 0 GPU) = 1 CPU, 0 GPU; for main, lodo-breast" \
         in text
-    assert "3. lodo-breast: distil without breast" in text
+    assert "9. lodo-breast: distil without breast" in text
+    assert "6. eval-finetune: universal+ft, mim+ft, merged+ft; 3 epoch(s), seeds [0, 1]" in text
     assert "peak         2 CPU, 0 GPU" in text
 
 

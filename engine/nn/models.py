@@ -75,6 +75,67 @@ class ResNet18Encoder(nn.Module):
 
 
 @dataclass(frozen=True)
+class ConvViTOptions:
+    """``model.options`` of ``vit_conv``: the widths of its convolutional stem's three
+    layers are ``stem_channels``, ``2 x stem_channels`` and ``hidden_size``."""
+
+    stem_channels: int = 32
+
+    def __post_init__(self) -> None:
+        if self.stem_channels < 1:
+            raise ValueError(f"model.options.stem_channels must be >= 1, got "
+                             f"{self.stem_channels}")
+
+
+class ConvViTEncoder(nn.Module):
+    """A ViT for 28 x 28 with a convolutional stem (Xiao et al. 2021, "Early convolutions
+    help transformers see better"): three 3x3 convolutions (stride 1, 2, 2; GroupNorm, GELU)
+    turn the image into 7 x 7 tokens of ``hidden_size``, then MONAI ``TransformerBlock`` s
+    with a fixed 2-D sin-cos position embedding; tokens are mean-pooled. It uses the sizes
+    of ``model`` (``hidden_size``, ``mlp_dim``, ``num_layers``, ``num_heads``, ``dropout``);
+    ``patch_size`` does not apply. GroupNorm, not BatchNorm, so it trains under DP-SGD.
+    MONAI's MAE cannot pretrain it (``pretrain.method=mim`` needs ``vit``)."""
+
+    Options = ConvViTOptions
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        from monai.networks.blocks import TransformerBlock
+        from monai.networks.blocks.pos_embed_utils import build_sincos_position_embedding
+
+        opts = encoder_options(cfg) or ConvViTOptions()
+        widths = (opts.stem_channels, 2 * opts.stem_channels, cfg.hidden_size)
+        layers: list[nn.Module] = []
+        channels = UNIFIED_CHANNELS
+        for width, stride in zip(widths, (1, 2, 2), strict=True):
+            layers += [nn.Conv2d(channels, width, 3, stride=stride, padding=1, bias=False),
+                       nn.GroupNorm(_groups(width), width), nn.GELU()]
+            channels = width
+        self.stem = nn.Sequential(*layers)
+        grid = UNIFIED_SIZE // 4
+        with warnings.catch_warnings():  # MONAI's sincos embedding calls meshgrid w/o indexing
+            warnings.filterwarnings("ignore", message="torch.meshgrid", category=UserWarning)
+            self.pos_embed = build_sincos_position_embedding(grid, cfg.hidden_size,
+                                                             spatial_dims=2)
+        self.blocks = nn.ModuleList(TransformerBlock(cfg.hidden_size, cfg.mlp_dim,
+                                                     cfg.num_heads, cfg.dropout)
+                                    for _ in range(cfg.num_layers))
+        self.norm = nn.LayerNorm(cfg.hidden_size)
+        self.out_features = cfg.hidden_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.stem(x).flatten(2).transpose(1, 2) + self.pos_embed
+        for block in self.blocks:
+            tokens = block(tokens)
+        return self.norm(tokens).mean(dim=1)
+
+
+def _groups(channels: int) -> int:
+    """GroupNorm groups: 8 when they divide ``channels``, else the largest divisor <= 8."""
+    return next(g for g in range(min(8, channels), 0, -1) if channels % g == 0)
+
+
+@dataclass(frozen=True)
 class EncoderSpec:
     """A registered encoder: its factory and the dataclass of its ``model.options``
     (``None``: it takes none)."""
@@ -86,6 +147,7 @@ class EncoderSpec:
 ENCODERS: Registry[EncoderSpec] = Registry("encoder", "umim.encoders", {
     "vit": EncoderSpec(ViTEncoder),
     "resnet18": EncoderSpec(ResNet18Encoder),
+    "vit_conv": EncoderSpec(ConvViTEncoder, ConvViTOptions),
 })
 """Every registered encoder by ``model.arch`` name."""
 

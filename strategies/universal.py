@@ -16,8 +16,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
+from strategies.aggregate import weighted_average
 from strategies.base import Strategy, StrategyContext
 from strategies.distill import DistillRequest, Teacher
 from strategies.state import encoder_of, head_of, heads_of
@@ -37,6 +38,14 @@ def teachers_from(results: Mapping[str, FitRes], infos: Mapping[str, ClientInfo]
                                     state={**encoder_of(state), **head_of(state, domain)},
                                     weight=float(results[cid].num_examples)))
     return teachers
+
+
+def merged_encoder(teachers: Sequence[Teacher]) -> State:
+    """The weight average of the teachers' encoders (one per client, weighted by its
+    training examples): a one-shot FedAvg of the round, used as a student's start."""
+    by_client = {t.cid: t for t in teachers}
+    parts = [by_client[c] for c in sorted(by_client)]
+    return weighted_average([encoder_of(t.state) for t in parts], [t.weight for t in parts])
 
 
 def plan_stages(domains: Sequence[str], stages: Sequence[Sequence[str]], num_stages: int
@@ -69,6 +78,11 @@ class UniversalOptions:
         Epochs of local fine-tuning per round (``None``: ``train.local_epochs``).
     select_on_val
         Clients keep the epoch with the best private val AUC.
+    student_init
+        Where each distillation's student starts: ``previous`` (the current global model;
+        the MIM base in round 1) or ``merged`` (the weight average of the round's teacher
+        encoders, weighted by their training examples, with the current global heads);
+        retention always pulls towards the previous global model.
     """
 
     stages: tuple[tuple[str, ...], ...] = ()
@@ -76,12 +90,16 @@ class UniversalOptions:
     rounds_per_stage: int = 1
     local_epochs: int | None = None
     select_on_val: bool = True
+    student_init: Literal["previous", "merged"] = "previous"
 
     def __post_init__(self) -> None:
         if self.num_stages < 1 or self.rounds_per_stage < 1:
             raise ValueError("strategy.num_stages and strategy.rounds_per_stage must be >= 1")
         if self.local_epochs is not None and self.local_epochs < 1:
             raise ValueError("strategy.local_epochs must be >= 1 (or null)")
+        if self.student_init not in ("previous", "merged"):
+            raise ValueError(f"strategy.student_init must be 'previous' or 'merged', got "
+                             f"{self.student_init!r}")
         if any(not stage for stage in self.stages):
             raise ValueError("strategy.stages: every stage needs at least one domain")
 
@@ -161,7 +179,10 @@ class Universal(Strategy):
                 if d in onboarded:
                     heads[d] = (info.tasks[d], info.num_classes[d])
         previous = {**self.encoder, **self.global_heads}
-        request = DistillRequest(student=dict(previous), teachers=teachers,
+        student = dict(previous)
+        if self.options.student_init == "merged":
+            student.update(merged_encoder(teachers))
+        request = DistillRequest(student=student, teachers=teachers,
                                  previous=previous if self.global_heads else {}, heads=heads,
                                  settings=self.settings, seed=self.seed * 1000 + server_round,
                                  tag=f"distill-round-{server_round:04d}",

@@ -102,3 +102,22 @@ def test_without_a_distiller_the_strategy_refuses() -> None:
     s.distiller = None
     with pytest.raises(RuntimeError, match="needs a distiller"):
         s.aggregate_fit(1, {"a": _teacher("a", 1.0)}, {})
+
+
+def test_a_merged_student_starts_from_the_teachers_weight_average() -> None:
+    s = create_strategy("universal", {"num_stages": 2, "student_init": "merged"},
+                        StrategyContext(seed=0, distill=DistillSettings()))
+    clients = [ClientInfo(cid=d, domains=(d,), tasks={d: "binary"}, num_classes={d: 2},
+                          num_train=10) for d in DOMAINS]
+    s.initialize(clients, {"encoder.w": torch.zeros(2)})
+    s.distiller = RecordingDistiller()
+    a, b = _teacher("a", 1.0), _teacher("b", 4.0)
+    b.num_examples = 30  # weights 10 and 30: (1 * 10 + 4 * 30) / 40 = 3.25
+    s.aggregate_fit(1, {"a": a, "b": b}, {})
+    request = s.distiller.requests[0]
+    torch.testing.assert_close(request.student["encoder.w"], torch.full((2,), 3.25))
+    assert request.previous == {}
+    default = _strategy()
+    default.aggregate_fit(1, {"a": a, "b": b}, {})
+    torch.testing.assert_close(default.distiller.requests[0].student["encoder.w"],
+                               torch.zeros(2))  # previous: the initial encoder

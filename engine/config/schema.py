@@ -502,6 +502,10 @@ class EvaluationConfig:
         Which round's model a federated arm reports: ``last``, or ``best_val`` (the round
         with the best mean federated val AUC among those that score every domain); the
         same rule for every arm.
+    split
+        The split every reported number is scored on: ``test`` (the report), or ``val`` to
+        tune a recipe without touching test (selection then also uses val: a tuning run,
+        never a result).
     equal_budgets
         Give every baseline the main run's client-epoch budget (its rounds derived from
         it); a budget that cannot match is an error. ``false`` allows unequal budgets on
@@ -532,6 +536,7 @@ class EvaluationConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     primary: PrimaryComparison = field(default_factory=PrimaryComparison)
     select_round: Literal["last", "best_val"] = "last"
+    split: Literal["test", "val"] = "test"
     equal_budgets: bool = True
     lodo_domains: tuple[str, ...] = ()
     baselines: tuple[str, ...] = ()

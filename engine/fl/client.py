@@ -256,6 +256,9 @@ class Client:
         from engine.fl.probe import EVAL_MODES
 
         cfg = ins.config
+        split = str(cfg.get("split", split))  # evaluation.split=val tunes without test
+        if split not in SPLITS[1:]:
+            raise ValueError(f"client {self.cid}: cannot score on split {split!r}")
         mode = str(cfg.get("mode", "finetune"))
         if mode not in EVAL_MODES:
             raise ValueError(f"client {self.cid}: unknown evaluation mode {mode!r}; "

@@ -77,6 +77,10 @@ class Callback:
         """Called after a round was aggregated, evaluated and checkpointed."""
 
 
+FINAL_VAL = "final_val"
+"""History phase of the final evaluation under ``evaluation.split=val``."""
+
+
 def make_strategy(cfg: ExperimentConfig) -> Strategy:
     """The configured strategy with its own options and the engine's context."""
     context = StrategyContext(seed=cfg.seed, distill=cfg.distill.objective())
@@ -139,6 +143,9 @@ class Simulation:
             self.strategy.distiller = distiller
         self.rounds = self.strategy.num_rounds(cfg.strategy.rounds)
         self.best: dict[str, Any] | None = None  # evaluation.select_round=best_val
+        # the final evaluation: the test split, or (evaluation.split=val, to tune without
+        # touching test) the val split again, recorded apart from the per-round val
+        self.final_phase = "test" if cfg.evaluation.split == "test" else FINAL_VAL
         self.fit_cache = None
         if cfg.run.cache_fits:
             from engine.fl.fitcache import FitCache
@@ -203,7 +210,7 @@ class Simulation:
                     cb.on_round_end(self, server_round)
             selected = self.select()
             self.history.add(self.rounds, "", "server", {"selected_round": float(selected)})
-            self._evaluate(self.rounds, "test", progress)
+            self._evaluate(self.rounds, self.final_phase, progress)
         self._write_history()
         summary = self.summary()
         self.storage.write_text("summary.json", json.dumps(summary, indent=2))
@@ -267,16 +274,19 @@ class Simulation:
                           "fit_cached": float(len(cached))}
         self.history.add(server_round, "", "server", server_metrics)
 
-    def _evaluate(self, server_round: int, split: str, progress: RunProgress) -> None:
+    def _evaluate(self, server_round: int, phase: str, progress: RunProgress) -> None:
+        """Federated evaluation recorded as ``phase`` (``val``, ``test`` or ``final_val``,
+        which scores the val split)."""
+        split = "val" if phase == FINAL_VAL else phase
         instructions = self.strategy.configure_evaluate(server_round, self.eval_cids, split)
-        progress.start_phase(f"round {server_round} {split}", len(instructions))
+        progress.start_phase(f"round {server_round} {phase}", len(instructions))
         results, failures = self._dispatch("evaluate", instructions, server_round, progress)
         for cid in sorted(results):
             res: EvaluateRes = results[cid]
             for domain, metrics in res.metrics.items():
-                self.history.add(server_round, cid, split, metrics, domain=domain)
+                self.history.add(server_round, cid, phase, metrics, domain=domain)
         for cid, failure in failures.items():
-            self._record_failure(server_round, cid, f"{split}_failed", str(failure))
+            self._record_failure(server_round, cid, f"{phase}_failed", str(failure))
 
     # -- bookkeeping -----------------------------------------------------------------------
     def _record_failure(self, server_round: int, cid: str, kind: str, reason: str) -> None:
@@ -300,7 +310,7 @@ class Simulation:
 
     def summary(self) -> dict[str, Any]:
         """Final per-domain test metrics (mean over a domain's clients) and run facts."""
-        test = {m: self.history.latest("test", m) for m in ("auc", "acc")}
+        test = {m: self.history.latest(self.final_phase, m) for m in ("auc", "acc")}
         domains: dict[str, dict[str, float]] = {}
         for domain in self.cfg.data.domains:
             row = {}

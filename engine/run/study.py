@@ -184,7 +184,8 @@ class Study:
 
     def _add_history(self, method: str, seed: int, sim: Simulation, replicate: int) -> None:
         for metric in ("auc", "acc"):
-            for (client, domain), value in sim.history.latest("test", metric).items():
+            for (client, domain), value in sim.history.latest(sim.final_phase,
+                                                              metric).items():
                 self.results.add(method, seed, client, domain, {metric: value},
                                  replicate=replicate)
 
@@ -266,7 +267,7 @@ class Study:
         ev = self.cfg.evaluation
         epochs = ev.probe_epochs if mode == "linear_probe" else ev.finetune_epochs
         return {"mode": mode, "label_fraction": fraction, "subset_seed": rep.seed,
-                "epochs": epochs, "select_on_val": True, "k": ev.knn_k}
+                "epochs": epochs, "select_on_val": True, "k": ev.knn_k, "split": ev.split}
 
     def _eval_seeds(self, rep: Replicate) -> dict[int, int]:
         """Evaluation seed -> the seed its clients train with in this replicate."""
@@ -375,7 +376,8 @@ class Study:
                        "n_domains": primary["n_domains"],
                        "n_replicates": primary["n_replicates"], "held": held}
         base = {k: v for k, v in base_info.items() if k != "path"}
-        return {**main, "base": base, "replicates": self.cfg.evaluation.replicates,
+        return {**main, "base": base, "scored_split": self.cfg.evaluation.split,
+                "replicates": self.cfg.evaluation.replicates,
                 "replicate_seeds": replicate_seeds(self.cfg),
                 "budgets": {"client_epochs": self.cfg.budgets(),
                             "evaluation_epochs": self.cfg.evaluation.finetune_epochs,

@@ -74,3 +74,15 @@ def test_the_best_round_survives_a_checkpoint_and_resume(tmp_path: Path) -> None
     again.restore(checkpoint)
     assert again.select() == 2
     assert float(again.strategy.state_dict()["encoder"]["encoder.w"]) == 2.0
+
+
+def test_a_tuning_run_scores_val_and_never_touches_test(tmp_path: Path) -> None:
+    cfg = load_config(None, ["data.domains=[breast,pneumonia]", "strategy.name=fedavg",
+                             "strategy.rounds=3", "evaluation.select_round=best_val",
+                             "evaluation.split=val"])
+    sim = Simulation(cfg, Storage(tmp_path / "val"), ScriptedPool(),
+                     {"encoder.w": torch.tensor(0.0)}, quiet=True)
+    result = sim.run()
+    phases = {r.phase for r in result.history.records}
+    assert "test" not in phases and "final_val" in phases
+    assert result.summary["mean_test_auc"] == 0.8  # round 2's model, scored on val

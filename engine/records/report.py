@@ -133,14 +133,21 @@ def plot_mim(storage: Storage, curve: list[dict[str, float]]) -> None:
 
 def _curves(storage: Storage) -> dict[str, list[dict[str, float]]]:
     curves: dict[str, list[dict[str, float]]] = {}
-    if storage.exists("distill_curves.json"):
-        for rnd, curve in json.loads(storage.read_text("distill_curves.json")).items():
-            curves[f"round {rnd}"] = curve
-    for name in storage.listdir("progress"):
-        if name.startswith("lodo-"):
+    runs = [("", "")] + [(f"replicates/{r}/", f"r{r} ")
+                         for r in sorted(storage.listdir("replicates"), key=str)]
+    for folder, tag in runs:
+        if storage.exists(f"{folder}distill_curves.json"):
+            for rnd, curve in json.loads(storage.read_text(f"{folder}distill_curves.json")
+                                         ).items():
+                curves[f"{tag}round {rnd}"] = curve
+    for name in sorted(storage.listdir("progress")):
+        step = name.removesuffix(".done")
+        replicate, _, rest = step.partition("-lodo-")
+        if step.startswith("lodo-") or rest:
             info = json.loads(storage.read_text(f"progress/{name}"))
+            held = step[5:] if step.startswith("lodo-") else f"{rest} ({replicate})"
             if info.get("curve"):
-                curves[f"LODO {name[5:-5]}"] = info["curve"]
+                curves[f"LODO {held}"] = info["curve"]
     return curves
 
 
@@ -227,6 +234,38 @@ def _verdict(claim: dict[str, Any]) -> list[str]:
     return [*head, body, ""]
 
 
+def _protocol(summary: dict[str, Any]) -> list[str]:
+    """What the study held fixed: replicates, budgets, the pool, the primary comparison."""
+    if "budgets" not in summary:
+        return []
+    seeds = summary.get("replicate_seeds", [summary.get("seed", 0)])
+    budgets = summary["budgets"]
+    lines = ["## Protocol", "",
+             f"- Replicates: {summary.get('replicates', 1)} independent whole pipelines "
+             f"(seeds {seeds}): each its own MIM base, main run, baselines and evaluations.",
+             "- Client-epoch budget of every arm (epochs each client trains over a run): "
+             + ", ".join(f"{k} {v}" for k, v in budgets.get("client_epochs", {}).items())
+             + f"; evaluation fine-tuning {budgets.get('evaluation_epochs')} epoch(s), "
+               f"linear probe {budgets.get('probe_epochs')}.",
+             "- Round reported by every federated arm (the same rule for all): "
+             f"`{summary.get('select_rule', 'last')}`."]
+    pool = summary.get("pool") or {}
+    if pool:
+        held = "; ".join(pool.get("sources", []))
+        counts = pool.get("composition")
+        lines.append(f"- The server's unlabelled pool: {held}"
+                     + (f" (cap {pool['cap']})" if pool.get("cap") else "")
+                     + (": " + ", ".join(f"{k} {v}" for k, v in counts.items())
+                        if counts else "") + ".")
+    primary = summary.get("primary")
+    if primary:
+        lines.append(f"- Pre-registered primary comparison: `{primary['a']}` > `{primary['b']}`"
+                     f" by {primary['mode']} at {primary['label_fraction']:g} of the labels, "
+                     f"{primary['metric'].upper()}, one-sided {primary['test']} over "
+                     f"{primary['unit']}, Holm-corrected.")
+    return [*lines, ""]
+
+
 def write_report(run_dir: str) -> str:
     """Write ``report.md`` and its plots into ``run_dir``; returns the report's path."""
     storage = Storage(run_dir)
@@ -234,11 +273,17 @@ def write_report(run_dir: str) -> str:
         raise FileNotFoundError(f"{run_dir} has no summary.json: is the run finished?")
     summary = json.loads(storage.read_text("summary.json"))
     domains = list(summary["domains"])
+    split = summary.get("scored_split", "test")
     lines = [f"# umim report: {summary['name']}", "",
              f"Strategy `{summary['strategy']}`, {summary['rounds']} round(s), seed "
              f"{summary.get('seed', 0)}; base encoder: {summary.get('base', {}).get('method')}.",
-             "Every number below is a test metric computed by a client on its own test split "
-             "and returned as a scalar; the server never saw an image or a label.", ""]
+             f"Every number below is a {split} metric computed by a client on its own {split} "
+             "split and returned as a scalar; the server never saw an image or a label.", ""]
+    if split != "test":
+        lines += [f"**A tuning run**: everything was scored on the {split} split "
+                  "(`evaluation.split`); these numbers choose a recipe, they are not results.",
+                  ""]
+    lines += _protocol(summary)
     if summary.get("methods"):
         plot_auc(storage, summary, domains)
         for metric in ("auc", "acc"):

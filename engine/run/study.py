@@ -377,6 +377,7 @@ class Study:
                        "n_replicates": primary["n_replicates"], "held": held}
         base = {k: v for k, v in base_info.items() if k != "path"}
         return {**main, "base": base, "scored_split": self.cfg.evaluation.split,
+                "select_rule": self.cfg.evaluation.select_round,
                 "replicates": self.cfg.evaluation.replicates,
                 "replicate_seeds": replicate_seeds(self.cfg),
                 "budgets": {"client_epochs": self.cfg.budgets(),

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from engine.cli import main as cli
 from engine.config import load_config
 from engine.records.checkpoint import latest_checkpoint
 from engine.records.storage import Storage
@@ -113,3 +114,15 @@ def test_statistics_are_over_independent_units_with_holm_and_cis(
     cell = summary["methods"]["universal+lp"]["breast"]["auc"]
     assert cell["n"] == 2 and cell["ci_low"] <= cell["mean"] <= cell["ci_high"]
     assert set(summary["heads_vs_local"]) == {"breast", "pneumonia", "ct-region"}
+
+
+def test_the_report_states_the_protocol(study: tuple[Path, Path, Any]) -> None:
+    out, _, _ = study
+    assert cli(["report", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    for text in ("## Protocol", "2 independent whole pipelines (seeds [0, 1])",
+                 "universal 2, fedavg 2, local 2", "`best_val`", "unlabelled pool",
+                 "Pre-registered primary comparison: `main` > `base` by linear_probe",
+                 "(domain, replicate) units", "Holm p", "95% CI"):
+        assert text in report, text
+    assert (out / "distill_curves.png").exists()

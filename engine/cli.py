@@ -319,7 +319,14 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
     if not names:
         names = list(cfg.data.domains) if cfg is not None else list(catalog)
     download = not args.offline and (cfg.data.download if cfg is not None else True)
-    builder = ShardBuilder(catalog, data_root, cache_dir, mednist=mednist, download=download)
+    pool = None
+    if cfg is not None:  # the experiment's pool: its pool_share and pool_sources too
+        from engine.data import PoolSettings
+
+        pool = PoolSettings(share=cfg.data.pool_share, seed=cfg.data.mednist_seed,
+                            domains=cfg.data.domains, sources=cfg.data.pool_sources)
+    builder = ShardBuilder(catalog, data_root, cache_dir, mednist=mednist, download=download,
+                           pool=pool)
     console = Console()
     for name, paths in builder.domains(names).items():
         console.print(escape(f"{name}: {paths['train'].parent}"), soft_wrap=True)

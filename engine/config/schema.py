@@ -89,7 +89,17 @@ class DataConfig:
     max_train_samples, max_eval_samples
         Cap every client's train / val and test split (seeded subsample) for quick runs.
     pool_size
-        Cap the server's unlabelled pool (seeded subsample).
+        Cap the server's unlabelled pool (seeded subsample; stratified by source when the
+        pool has several, every source keeping at least one image).
+    pool_share
+        Share in ``[0, 1)`` of every client domain's official train split that moves into
+        the server's unlabelled pool (images only), drawn per domain stratified by label
+        with ``mednist_seed``; the domain's clients train on the rest (partitioned when
+        ``clients_per_domain > 1``), val / test never change. ``0`` (default): the pool is
+        the MedNIST half alone, the paper's setting.
+    pool_sources
+        Catalog domains, none of them in ``domains``, whose whole train split joins the pool
+        unlabelled (e.g. other MedMNIST datasets added under ``extra_domains``).
     """
 
     domains: tuple[str, ...] = MISSION_DOMAINS
@@ -105,6 +115,8 @@ class DataConfig:
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     pool_size: int | None = None
+    pool_share: float = 0.0
+    pool_sources: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.domains:
@@ -116,10 +128,23 @@ class DataConfig:
         _positive("data", dirichlet_alpha=self.dirichlet_alpha,
                   max_train_samples=self.max_train_samples,
                   max_eval_samples=self.max_eval_samples, pool_size=self.pool_size)
+        if not 0.0 <= self.pool_share < 1.0:
+            raise ValueError(f"data.pool_share must be in [0, 1), got {self.pool_share}")
+        if len(set(self.pool_sources)) != len(self.pool_sources):
+            raise ValueError(f"data.pool_sources has duplicates: {list(self.pool_sources)}")
+        clients = [d for d in self.pool_sources if d in self.domains]
+        if clients:
+            raise ValueError(f"data.pool_sources: {clients} are client domains (in "
+                             "data.domains); a pool source gives all its train images to "
+                             "the unlabelled pool, so it cannot also be a client")
         catalog = self.catalog()
         unknown = [d for d in self.domains if d not in catalog]
         if unknown:
             raise ValueError(f"data.domains: unknown domain(s) {unknown}; known: "
+                             f"{list(catalog)} (add your own under data.extra_domains)")
+        unknown = [d for d in self.pool_sources if d not in catalog]
+        if unknown:
+            raise ValueError(f"data.pool_sources: unknown domain(s) {unknown}; known: "
                              f"{list(catalog)} (add your own under data.extra_domains)")
 
     def catalog(self) -> dict[str, Any]:
@@ -665,6 +690,11 @@ class ExperimentConfig:
         if unknown:
             raise ValueError(f"evaluation.lodo_domains name domains that are not in "
                              f"data.domains: {unknown}")
+        if self.evaluation.lodo_domains and self.data.pool_share > 0:
+            raise ValueError(f"evaluation.lodo_domains: with data.pool_share="
+                             f"{self.data.pool_share} every client domain gives images to the "
+                             f"server's unlabelled pool, so a held-out domain would still be "
+                             f"seen by MIM and distillation; LODO needs data.pool_share=0")
         catalog = self.data.catalog()
         shared = [d for d in self.evaluation.lodo_domains
                   if catalog[d].source in POOL_SOURCES]

@@ -18,6 +18,7 @@ from engine.data.errors import DataError
 from engine.data.medmnist import available_flags, load_medmnist, medmnist_spec
 from engine.data.mednist import MedNISTSplitSettings, load_mednist, split_mednist
 from engine.data.partition import dirichlet_partition, iid_partition, partition
+from engine.data.pool import PoolSettings, pool_subset
 from engine.data.prepare import POOL_OWNER, ShardBuilder
 from engine.data.root import resolve_cache_dir, resolve_data_root
 from engine.data.shards import Shard, ShardMeta, read_shard, write_shard
@@ -40,6 +41,7 @@ __all__ = [
     "DataError",
     "DomainSpec",
     "MedNISTSplitSettings",
+    "PoolSettings",
     "RawSplit",
     "Shard",
     "ShardBuilder",
@@ -56,6 +58,7 @@ __all__ = [
     "load_mednist",
     "medmnist_spec",
     "partition",
+    "pool_subset",
     "read_shard",
     "register_source",
     "resolve_cache_dir",

@@ -6,6 +6,13 @@ claims of every MedNIST domain and the split settings) and the shard format, so 
 input gives a new shard and an unchanged one is never rebuilt. What a domain's raw splits
 are is up to its :class:`~engine.data.sources.Source`; every source's images go through the
 same :func:`~engine.data.unify.unify_images`.
+
+The server's pool is the MedNIST half, plus what :class:`~engine.data.pool.PoolSettings`
+adds (a share of every client domain's train split, whole pool-source domains). A domain
+that gives a share has its own folder (its key adds the share and seed) holding the rest of
+its train split and its unchanged val / test; its full shards stay where they always were,
+and with the default settings every folder and file is the same as before the settings
+existed.
 """
 
 from __future__ import annotations
@@ -23,13 +30,29 @@ from engine.data.errors import DataError
 from engine.data.medmnist import SPLITS
 from engine.data.mednist import MedNISTArrays, MedNISTSplit, MedNISTSplitSettings
 from engine.data.partition import PartitionScheme, partition
-from engine.data.shards import SHARD_FORMAT_VERSION, Shard, ShardMeta, read_shard, write_shard
+from engine.data.pool import (
+    MEDNIST_POOL,
+    PoolSettings,
+    composition,
+    pool_id,
+    pool_subset,
+    share_split,
+)
+from engine.data.shards import (
+    SHARD_FORMAT_VERSION,
+    Shard,
+    ShardMeta,
+    read_shard,
+    read_shard_ids,
+    write_shard,
+)
 from engine.data.sources import RawSplit, Source, SourceContext, get_source
 from engine.data.sources.mednist import mednist_key, mednist_split
 from engine.data.spec import DomainSpec
 from engine.data.unify import normalisation_stats, unify_image_list, unify_images
 
-__all__ = ["POOL_OWNER", "MedNISTSplitSettings", "ShardBuilder", "ShardPaths", "ShardRecipe"]
+__all__ = ["POOL_OWNER", "MedNISTSplitSettings", "PoolSettings", "ShardBuilder", "ShardPaths",
+           "ShardRecipe"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,15 +112,27 @@ class ShardBuilder:
         MedNIST split settings.
     download
         Fetch missing official files.
+    pool
+        What the server's pool holds besides the MedNIST half (default: nothing); the
+        domains that give it a share of their train split get the rest as their train shard.
+
+    Raises
+    ------
+    DataError
+        When a domain named in ``pool`` is not in ``catalog``.
     """
 
     def __init__(self, catalog: Mapping[str, DomainSpec], data_root: Path, cache_dir: Path,
-                 mednist: MedNISTSplitSettings | None = None, download: bool = True) -> None:
+                 mednist: MedNISTSplitSettings | None = None, download: bool = True,
+                 pool: PoolSettings | None = None) -> None:
         self.catalog = dict(catalog)
         self.data_root = Path(data_root)
         self.cache_dir = Path(cache_dir)
         self.mednist = mednist or MedNISTSplitSettings()
         self.download = download
+        self.pool_settings = pool or PoolSettings()
+        for name in (*self.pool_settings.sharing_domains(), *self.pool_settings.sources):
+            self._spec(name)
         self._memo: dict[str, object] = {}
         self._partitions: dict[tuple, Path] = {}
 
@@ -118,15 +153,37 @@ class ShardBuilder:
     def _dir(self, owner: str, key: object) -> Path:
         return self.cache_dir / "shards" / f"{owner}-{_digest([SHARD_FORMAT_VERSION, key])}"
 
-    def domain_dir(self, name: str) -> Path:
-        """Folder of ``name``'s three shard files."""
+    def _domain_key(self, name: str) -> list:
         spec = self._spec(name)
-        return self._dir(name, [spec.to_dict(), self.source(name).fingerprint(spec,
-                                                                             self.context)])
+        return [spec.to_dict(), self.source(name).fingerprint(spec, self.context)]
+
+    def _full_dir(self, name: str) -> Path:
+        """Folder of ``name``'s shards with its whole official train split."""
+        return self._dir(name, self._domain_key(name))
+
+    def _share_key(self) -> dict:
+        return {"pool_share": self.pool_settings.share, "pool_seed": self.pool_settings.seed}
+
+    def domain_dir(self, name: str) -> Path:
+        """Folder of ``name``'s three shard files (the clients' ones: without the pool's
+        share of the train split when ``name`` gives one)."""
+        key = self._domain_key(name)
+        if self.pool_settings.gives_share(name):
+            key = [*key, self._share_key()]
+        return self._dir(name, key)
 
     def pool_path(self) -> Path:
         """The server pool's shard file."""
-        return self._dir(POOL_OWNER, self._mednist_key()) / "pool.parquet"
+        key: object = self._mednist_key()
+        settings = self.pool_settings
+        if not settings.is_default:  # the MedNIST half alone keeps its key of old
+            extra: dict[str, object] = {
+                "sources": [[s, self._full_dir(s).name] for s in settings.source_domains()]}
+            if settings.share > 0:
+                extra["share"] = [self._share_key(), [[d, self._full_dir(d).name] for d in
+                                                      settings.sharing_domains()]]
+            key = [key, extra]
+        return self._dir(POOL_OWNER, key) / "pool.parquet"
 
     def _spec(self, name: str) -> DomainSpec:
         if name not in self.catalog:
@@ -135,8 +192,43 @@ class ShardBuilder:
 
     # -- building ----------------------------------------------------------------------
     def domain(self, name: str) -> ShardPaths:
-        """Paths of ``name``'s train / val / test shards, building them if needed."""
+        """Paths of ``name``'s train / val / test shards, building them if needed.
+
+        When ``name`` gives the pool a share, its train shard is the rest of its official
+        train split (normalised with the rest's statistics) and val / test are the official
+        ones.
+        """
+        if not self.pool_settings.gives_share(name):
+            return self._full_domain(name)
         folder = self.domain_dir(name)
+        paths = {split: folder / f"{split}.parquet" for split in SPLITS}
+        if all(p.exists() for p in paths.values()):
+            return paths
+        full = {s: read_shard(p) for s, p in self._full_domain(name).items()}
+        _, keep = self._share(name, full["train"])
+        if not len(keep):
+            raise DataError(f"domain {name!r}: a pool share of {self.pool_settings.share} "
+                            f"leaves none of its {len(full['train'])} train images to the "
+                            "clients; lower the pool share")
+        mean, std = normalisation_stats(full["train"].images[keep])
+        logger.info("building shards of domain %s without the pool's share (%d of %d train "
+                    "images kept) into %s", name, len(keep), len(full["train"]), folder)
+        for split in SPLITS:
+            shard = full[split]
+            idx = keep if split == "train" else np.arange(len(shard))
+            write_shard(paths[split], shard.subset(idx, mean=mean, std=std))
+        return paths
+
+    def _share(self, name: str, train: Shard) -> tuple[np.ndarray, np.ndarray]:
+        """The pool's share of domain ``name``'s full train shard, and the rest."""
+        if train.labels is None:
+            raise DataError(f"domain {name!r}: its train shard has no labels")
+        return share_split(train.labels, self.pool_settings.share, self.pool_settings.seed,
+                           name)
+
+    def _full_domain(self, name: str) -> ShardPaths:
+        """Paths of ``name``'s shards with its whole official train split, built if needed."""
+        folder = self._full_dir(name)
         paths = {split: folder / f"{split}.parquet" for split in SPLITS}
         if all(p.exists() for p in paths.values()):
             return paths
@@ -161,18 +253,51 @@ class ShardBuilder:
         return {name: self.domain(name) for name in names}
 
     def pool(self) -> Path:
-        """The server's unlabelled pool shard (labels are never written), building it if needed."""
+        """The server's unlabelled pool shard (labels are never written), building it if needed.
+
+        It holds the MedNIST half, then each sharing domain's share of its train split
+        (domains sorted), then each pool source's whole train split (sorted); ids of the
+        latter two are ``"<domain>::<id>"`` (:func:`~engine.data.pool.pool_id`). It is
+        normalised with the statistics of all of it.
+        """
         path = self.pool_path()
         if path.exists():
             return path
         arrays, split = self._mednist()
-        images = unify_images(arrays.images[split.pool], spatial_dims=2, in_channels=1)
-        mean, std = normalisation_stats(images)
-        ids = np.asarray([arrays.names[i] for i in split.pool], dtype=object)
+        images = [unify_images(arrays.images[split.pool], spatial_dims=2, in_channels=1)]
+        ids = [np.asarray([arrays.names[i] for i in split.pool], dtype=object)]
+        settings = self.pool_settings
+        for name in [*settings.sharing_domains(), *settings.source_domains()]:
+            train = read_shard(self._full_domain(name)["train"])
+            idx = (self._share(name, train)[0] if settings.gives_share(name)
+                   else np.arange(len(train)))
+            images.append(train.images[idx])
+            ids.append(np.asarray([pool_id(name, i) for i in train.ids[idx]], dtype=object))
+        all_images = images[0] if len(images) == 1 else np.concatenate(images)
+        all_ids = ids[0] if len(ids) == 1 else np.concatenate(ids)
+        mean, std = normalisation_stats(all_images)
         meta = ShardMeta(owner=POOL_OWNER, split="pool", task="unlabelled", label_names=(),
                          mean=mean, std=std)
-        logger.info("building the server pool (%d images) into %s", len(ids), path)
-        return write_shard(path, Shard(ids=ids, images=images, labels=None, meta=meta))
+        logger.info("building the server pool (%s) into %s",
+                    ", ".join(f"{k}: {v}" for k, v in composition(all_ids).items()), path)
+        return write_shard(path, Shard(ids=all_ids, images=all_images, labels=None, meta=meta))
+
+    def pool_composition(self, cap: int | None = None, seed: int = 0) -> dict[str, int]:
+        """Images per source in the server's pool (building it if needed), e.g.
+        ``{"mednist": 29477, "breast": 55}``: ``"mednist"`` for the MedNIST half, then each
+        sharing domain and each pool source by name (listed even when it gave none).
+
+        Parameters
+        ----------
+        cap, seed
+            Describe the pool as cut to ``cap`` images with ``seed``
+            (:func:`~engine.data.pool.pool_subset`, as MIM and distillation cut it);
+            ``None``: the whole pool.
+        """
+        ids = read_shard_ids(self.pool())
+        settings = self.pool_settings
+        names = [MEDNIST_POOL, *settings.sharing_domains(), *settings.source_domains()]
+        return composition(ids[pool_subset(ids, cap, seed)], names)
 
     def partitions(self, name: str, num_clients: int, scheme: PartitionScheme = "iid",
                    seed: int = 0, alpha: float = 0.5) -> list[ShardPaths]:

@@ -151,3 +151,14 @@ def read_shard(path: Path) -> Shard:
     ids = np.asarray(table.column("id").to_pylist(), dtype=object)
     return Shard(ids=ids, images=images.reshape(n, *UNIFIED_SHAPE).copy(), labels=labels,
                  meta=meta)
+
+
+def read_shard_ids(path: Path) -> np.ndarray:
+    """Just the ``id`` column of a shard written by :func:`write_shard` (no image is read)."""
+    path = Path(path)
+    try:
+        table = pq.read_table(path, columns=["id"])
+    except (OSError, pa.ArrowException) as err:
+        raise DataError(f"shard {path} cannot be read ({err}); delete it to have it rebuilt"
+                        ) from err
+    return np.asarray(table.column("id").to_pylist(), dtype=object)

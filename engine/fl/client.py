@@ -24,6 +24,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from engine.config import DataConfig, ModelConfig, TrainConfig
 from engine.data import (
     MedNISTSplitSettings,
+    PoolSettings,
     ShardBuilder,
     domain_catalog,
     resolve_cache_dir,
@@ -64,11 +65,15 @@ class ClientSpec:
 
 
 def shard_builder(data: DataConfig) -> ShardBuilder:
-    """The :class:`~engine.data.ShardBuilder` of an experiment's data settings."""
+    """The :class:`~engine.data.ShardBuilder` of an experiment's data settings (its pool:
+    the MedNIST half, ``data.pool_share`` of every client domain's train split, drawn with
+    ``data.mednist_seed``, and the whole train split of each of ``data.pool_sources``)."""
+    pool = PoolSettings(share=data.pool_share, seed=data.mednist_seed, domains=data.domains,
+                        sources=data.pool_sources)
     return ShardBuilder(domain_catalog(dict(data.extra_domains)),
                         resolve_data_root(data.data_root), resolve_cache_dir(data.cache_dir),
                         mednist=MedNISTSplitSettings(seed=data.mednist_seed),
-                        download=data.download)
+                        download=data.download, pool=pool)
 
 
 def derive_seed(*parts: object) -> int:

@@ -54,6 +54,7 @@ from engine.run.names import (
     step_name,
 )
 from engine.run.session import Session, initial_encoder, replicate_seeds, resolve_paths
+from engine.train.mim import pool_composition
 from strategies.aggregate import weighted_average
 from strategies.distill import Teacher
 from strategies.types import POOLED_CID, State
@@ -389,12 +390,19 @@ class Study:
                 "evaluation_failures": self.evaluation_failures()}
 
     def pool_description(self) -> dict[str, Any]:
-        """What the server's unlabelled pool held (said in the report)."""
-        return {"sources": ["MedNIST: the half of every MedNIST class not given to any "
-                            "client (mednist_seed "
-                            f"{self.cfg.data.mednist_seed})"],
-                "cap": self.cfg.data.pool_size,
-                "modalities": "CT, MRI, X-ray (the MedNIST classes)"}
+        """What the server's unlabelled pool held (said in the report): its sources and the
+        images per source MIM and distillation trained on."""
+        data = self.cfg.data
+        sources = [f"MedNIST: the half of every MedNIST class not given to any client "
+                   f"(mednist_seed {data.mednist_seed}; CT, MRI and X-ray)"]
+        if data.pool_share > 0:
+            sources.append(f"{data.pool_share:g} of every client domain's train split "
+                           f"(images only, taken out of the clients' train splits)")
+        if data.pool_sources:
+            sources.append(f"the whole train splits of {list(data.pool_sources)} (images only)")
+        return {"sources": sources, "cap": data.pool_size, "pool_share": data.pool_share,
+                "pool_sources": list(data.pool_sources),
+                "composition": pool_composition(data)}
 
     def heads_vs_local(self, methods: dict[str, Any]) -> dict[str, Any]:
         """Per domain: the main run's global model (its heads) minus local training, test

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from engine.config import DataConfig, ModelConfig, PretrainConfig, TrainScaling, to_dict
+from engine.data.pool import pool_subset
 from engine.data.shards import read_shard
 from engine.data.unify import UNIFIED_CHANNELS, UNIFIED_SIZE
 from engine.nn.precision import autocast
@@ -89,19 +90,38 @@ def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
 
 
 def load_pool(data: DataConfig) -> torch.Tensor:
-    """The server pool's normalised images (a seeded subsample when ``data.pool_size`` is set).
+    """The server pool's normalised images (a seeded subsample when ``data.pool_size`` is set:
+    :func:`~engine.data.pool.pool_subset`, stratified by source when the pool has several).
 
     The pool shard is found (or built) on the node this runs on.
     """
     from engine.fl.client import shard_builder
 
     shard = read_shard(shard_builder(data).pool())
-    pool_size, seed = data.pool_size, data.mednist_seed
-    if pool_size is not None and len(shard) > pool_size:
-        rng = np.random.default_rng(seed)
-        shard = shard.subset(np.sort(rng.choice(len(shard), pool_size, replace=False)))
+    keep = pool_subset(shard.ids, data.pool_size, data.mednist_seed)
+    if len(keep) < len(shard):
+        shard = shard.subset(keep)
     x, _ = shard.tensors()
     return x
+
+
+def pool_composition(data: DataConfig, *, capped: bool = True) -> dict[str, int]:
+    """What the server's pool held: images per source, e.g. ``{"mednist": 29477,
+    "breast": 55, ...}`` (``"mednist"``: the MedNIST half; then every client domain that
+    gave ``data.pool_share`` of its train split, and every one of ``data.pool_sources``).
+
+    Parameters
+    ----------
+    data
+        The experiment's data settings (the pool is found, or built, on this node).
+    capped
+        Count the images MIM and distillation train on (after ``data.pool_size``, as
+        :func:`load_pool` cuts it); ``False``: the whole pool shard.
+    """
+    from engine.fl.client import shard_builder
+
+    cap = data.pool_size if capped else None
+    return shard_builder(data).pool_composition(cap=cap, seed=data.mednist_seed)
 
 
 def steps_per_epoch(pool_size: int, world: int, batch_size: int) -> int:

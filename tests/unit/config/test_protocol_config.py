@@ -33,6 +33,8 @@ def test_baselines_get_the_main_runs_client_epoch_budget() -> None:
      r"'universal' plans its own rounds and trains 2 client epochs"),
     (["evaluation.lodo_domains=[ct-region]"], r"\['ct-region'\] take their images from MedNIST, "
                                               r"as does the server's unlabelled pool"),
+    (["data.pool_share=0.1"], r"with data.pool_share=0.1 every client domain gives images "
+                              r"to the server's unlabelled pool"),
     (["evaluation.encoders=[main, teacher]"], r"evaluation.encoders: unknown \['teacher'\]"),
     (["evaluation.encoders=[main, fedavg]", "evaluation.baselines=[local]"],
      r"evaluation.encoders: unknown \['fedavg'\]"),

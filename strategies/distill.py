@@ -9,11 +9,14 @@ For a batch of unlabelled pool images, with student heads ``s_d``, teacher logit
       + gamma * sum_p T^2 * KL(softmax(g_p / T) || softmax(s_p / T)) / |p|   # retention
 
 where ``g_p`` are the previous global model's heads for the domains not taught this time.
-Multi-label heads use a per-label binary KL of sigmoids instead of the softmax KL.
+Multi-label heads use a per-label binary KL of sigmoids instead of the softmax KL. With
+function matching on (``augment``, ``mixup_alpha``), the batch is a random view of pool
+images, the same one for the student, the teachers and the previous global model.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -149,7 +152,17 @@ def distillation_loss(logits: Mapping[str, torch.Tensor], projected: Mapping[str
 @dataclass(frozen=True)
 class DistillSettings:
     """Knobs of the distillation objective and its stopping rule (``distill.*`` in the
-    experiment config; how the job is spread over workers is the engine's business)."""
+    experiment config; how the job is spread over workers is the engine's business).
+
+    ``augment`` and ``mixup_alpha`` are the function-matching levers (Beyer et al., 2022):
+    every training batch of the pool gets a random view (``augment``: a random horizontal
+    flip and a random translation of up to 2 pixels per image) and / or is mixed with a
+    permutation of itself (``mixup_alpha > 0``: one ``lambda ~ Beta(alpha, alpha)`` per
+    batch), and the frozen teachers and the previous global model then see the very images
+    the student sees, so their outputs are computed per batch. Both off (the defaults): the
+    teachers' outputs are computed once per pool image, as without the levers. The held-out
+    stopping signal is always measured on the plain pool images.
+    """
 
     temperature: float = 4.0
     beta: float = 0.1
@@ -162,6 +175,8 @@ class DistillSettings:
     eval_every: int = 50
     patience: int = 3
     holdout_fraction: float = 0.1
+    augment: bool = False
+    mixup_alpha: float = 0.0
 
     def __post_init__(self) -> None:
         if self.temperature <= 0 or self.beta < 0 or self.gamma < 0:
@@ -170,6 +185,17 @@ class DistillSettings:
             raise ValueError("distill.steps, eval_every and patience must be >= 1")
         if not 0 < self.holdout_fraction < 0.5:
             raise ValueError("distill.holdout_fraction must be in (0, 0.5)")
+        if not isinstance(self.augment, bool):
+            raise ValueError(f"distill.augment must be true or false, got {self.augment!r}")
+        if not (math.isfinite(self.mixup_alpha) and self.mixup_alpha >= 0):
+            raise ValueError(f"distill.mixup_alpha must be a finite number >= 0 (0: no mixup), "
+                             f"got {self.mixup_alpha}")
+
+    @property
+    def per_batch_targets(self) -> bool:
+        """Whether the teachers see each batch's own view (``augment`` or mixup on), so their
+        outputs are computed per batch instead of once per pool image."""
+        return self.augment or self.mixup_alpha > 0
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,11 @@ The best student so far is reported as a checkpoint after every evaluation. The 
 forward pass runs as ``train.precision`` says (:mod:`engine.nn.precision`); the frozen
 teachers run in float32. A head that no teacher trained and no previous global model
 holds, and a student with NaN or Inf tensors, are errors, never results.
+
+The teachers' outputs are computed once per pool image, unless function matching is on
+(``distill.augment``, ``distill.mixup_alpha``): then every batch is a random view of pool
+images (:func:`pool_view`) and the frozen teachers and previous model run on that same view
+per batch, confidence weights and feature targets included.
 """
 
 from __future__ import annotations
@@ -15,11 +20,12 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from engine.config import DataConfig, ModelConfig, TrainScaling
@@ -34,6 +40,8 @@ from strategies.distill import (
     DistillRequest,
     DistillResult,
     DistillService,
+    DistillSettings,
+    Teacher,
     agreement,
     confidence,
     distillation_loss,
@@ -41,6 +49,7 @@ from strategies.distill import (
     tempered_probs,
 )
 from strategies.state import encoder_of, head_of, heads_of, is_head_key
+from strategies.types import TaskType
 
 logger = logging.getLogger(__name__)
 
@@ -80,49 +89,149 @@ def _frozen(model_cfg: ModelConfig, heads: dict[str, int], state: dict[str, torc
     return net.to(device)
 
 
+class FrozenModels:
+    """The frozen networks of a request: every taught domain's teachers with their weights
+    (normalised over the domain) and the previous global model with the heads it retains
+    (none when there is no previous model or ``gamma`` is 0).
+
+    Networks are built when first run, teachers by domain in sorted order and then the
+    previous model (the order, and so the global RNG draws, of building them all at once).
+    With ``keep`` every network is held once built (function matching runs them every
+    step); without, each is dropped once run, so one teacher at a time is in memory.
+    """
+
+    def __init__(self, request: DistillRequest, model_cfg: ModelConfig, device: torch.device,
+                 *, keep: bool = False) -> None:
+        s = request.settings
+        by_domain: dict[str, list[Teacher]] = defaultdict(list)
+        for t in request.teachers:
+            by_domain[t.domain].append(t)
+        self.request, self.model_cfg, self.device, self.keep = request, model_cfg, device, keep
+        self.temperature = s.temperature
+        self.tasks: dict[str, TaskType] = {}
+        self.groups: dict[str, list[tuple[float, Teacher]]] = {}
+        for domain, group in sorted(by_domain.items()):
+            self.tasks[domain] = group[0].task
+            total = sum(t.weight for t in group)
+            self.groups[domain] = [(t.weight / total, t) for t in group]
+        retained = [d for d in request.heads if d not in by_domain
+                    and head_of(request.previous, d)]
+        self.retained: list[str] = retained if retained and s.gamma > 0 else []
+        self.tasks |= {d: request.heads[d][0] for d in self.retained}
+        self._nets: dict[tuple[str, int], MultiHeadNet] = {}
+
+    def _net(self, key: tuple[str, int], build: Callable[[], MultiHeadNet]) -> MultiHeadNet:
+        net = self._nets.get(key)
+        if net is None:
+            net = build()
+            if self.keep:
+                self._nets[key] = net
+        return net
+
+    def teachers(self, domain: str) -> Iterator[tuple[float, MultiHeadNet]]:
+        """``(weight, network)`` of each teacher of ``domain``, in order."""
+        for i, (weight, t) in enumerate(self.groups[domain]):
+            yield weight, self._net((domain, i), lambda t=t: _frozen(
+                self.model_cfg, {domain: t.num_classes},
+                {**encoder_of(t.state), **head_of(t.state, domain)}, self.device))
+
+    def previous(self) -> MultiHeadNet | None:
+        """The previous global model with the retained heads, or ``None``."""
+        if not self.retained:
+            return None
+        prev = self.request.previous
+        return self._net(("", -1), lambda: _frozen(
+            self.model_cfg, {d: self.request.heads[d][1] for d in self.retained},
+            {**encoder_of(prev), **heads_of(prev, self.retained)}, self.device))
+
+
 @torch.no_grad()
-def _targets(request: DistillRequest, model_cfg: ModelConfig, x: torch.Tensor,
-             device: torch.device) -> dict[str, Any]:
-    """Teacher and previous-model outputs on ``x``, computed once (they never change)."""
-    s = request.settings
-    by_domain: dict[str, list] = defaultdict(list)
-    for t in request.teachers:
-        by_domain[t.domain].append(t)
+def frozen_outputs(models: FrozenModels, x: torch.Tensor, device: torch.device,
+                   chunk: int = 1024) -> dict[str, dict[str, torch.Tensor]]:
+    """Teacher and previous-model outputs on ``x`` (float32, in chunks of ``chunk`` images).
+
+    Returns
+    -------
+    dict
+        ``probs`` (tempered), ``conf``, ``feats`` and ``logits`` per taught domain, each the
+        weighted mean over the domain's teachers; ``previous`` (tempered probabilities) and
+        ``prev_logits`` per retained domain.
+    """
+    t = models.temperature
     probs, conf, feats, logits = {}, {}, {}, {}
-    for domain, teachers in sorted(by_domain.items()):
-        task = teachers[0].task
-        total = sum(t.weight for t in teachers)
+    for domain in models.groups:
+        task = models.tasks[domain]
         p_sum = c_sum = f_sum = l_sum = 0.0
-        for t in teachers:
-            state = {**encoder_of(t.state), **head_of(t.state, domain)}
-            net = _frozen(model_cfg, {domain: t.num_classes}, state, device)
+        for w, net in models.teachers(domain):
             out_l, out_f = [], []
-            for i in range(0, len(x), 1024):
-                f = net.features(x[i:i + 1024].to(device)).float()
+            for i in range(0, len(x), chunk):
+                f = net.features(x[i:i + chunk].to(device)).float()
                 out_f.append(f)
                 out_l.append(net.heads[domain](f))
             lg, ft = torch.cat(out_l), torch.cat(out_f)
-            w = t.weight / total
-            p_sum = p_sum + w * tempered_probs(lg, s.temperature, task)
+            p_sum = p_sum + w * tempered_probs(lg, t, task)
             c_sum = c_sum + w * confidence(lg, task)
             f_sum = f_sum + w * ft
             l_sum = l_sum + w * lg
         probs[domain], conf[domain], feats[domain], logits[domain] = p_sum, c_sum, f_sum, l_sum
     previous: dict[str, torch.Tensor] = {}
     prev_logits: dict[str, torch.Tensor] = {}
-    retained = [d for d in request.heads if d not in by_domain
-                and head_of(request.previous, d)]
-    if retained and s.gamma > 0:
-        heads = {d: request.heads[d][1] for d in retained}
-        state = {**encoder_of(request.previous), **heads_of(request.previous, retained)}
-        net = _frozen(model_cfg, heads, state, device)
-        for d in retained:
-            out = torch.cat([net(x[i:i + 1024].to(device), d).float()
-                             for i in range(0, len(x), 1024)])
-            prev_logits[d] = out
-            previous[d] = tempered_probs(out, s.temperature, request.heads[d][0])
+    net = models.previous()
+    if net is not None:
+        parts: dict[str, list[torch.Tensor]] = defaultdict(list)
+        for i in range(0, len(x), chunk):
+            f = net.features(x[i:i + chunk].to(device))
+            for d in models.retained:
+                parts[d].append(net.heads[d](f).float())
+        for d in models.retained:
+            prev_logits[d] = torch.cat(parts[d])
+            previous[d] = tempered_probs(prev_logits[d], t, models.tasks[d])
     return {"probs": probs, "conf": conf, "feats": feats, "logits": logits,
             "previous": previous, "prev_logits": prev_logits}
+
+
+def _targets(request: DistillRequest, model_cfg: ModelConfig, x: torch.Tensor,
+             device: torch.device) -> dict[str, Any]:
+    """Teacher and previous-model outputs on ``x``, computed once (they never change)."""
+    return frozen_outputs(FrozenModels(request, model_cfg, device), x, device)
+
+
+def random_view(x: torch.Tensor, rng: np.random.Generator, shift: int = 2) -> torch.Tensor:
+    """A random view of every image of ``x`` ``(B, C, H, W)``: a horizontal flip with
+    probability 1/2, then a translation by up to ``shift`` pixels along each axis (edge
+    pixels repeated into the gap), each drawn per image from ``rng``."""
+    b, _, h, w = x.shape
+    flip = torch.from_numpy(rng.random(b) < 0.5).to(x.device)
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    if shift <= 0:
+        return x
+    dy, dx = (torch.from_numpy(v).to(x.device) for v in rng.integers(-shift, shift + 1, (2, b)))
+    padded = F.pad(x, (shift, shift, shift, shift), mode="replicate")
+    rows = torch.arange(h, device=x.device)[None, :] + shift - dy[:, None]  # (B, H)
+    cols = torch.arange(w, device=x.device)[None, :] + shift - dx[:, None]  # (B, W)
+    batch = torch.arange(b, device=x.device)[:, None, None]
+    # advanced indices split by the channel slice: the result is (B, H, W, C)
+    return padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
+
+
+def mixup(x: torch.Tensor, rng: np.random.Generator, alpha: float) -> torch.Tensor:
+    """``lambda * x + (1 - lambda) * x[perm]``: every image mixed with another image of the
+    batch (a random permutation), one ``lambda ~ Beta(alpha, alpha)`` per batch."""
+    lam = float(rng.beta(alpha, alpha))
+    perm = torch.from_numpy(rng.permutation(len(x))).to(x.device)
+    return lam * x + (1.0 - lam) * x[perm]
+
+
+def pool_view(x: torch.Tensor, rng: np.random.Generator, settings: DistillSettings
+              ) -> torch.Tensor:
+    """The batch the student and the frozen networks see (function matching): ``x`` through
+    :func:`random_view` when ``distill.augment``, then :func:`mixup` when
+    ``distill.mixup_alpha > 0``; ``x`` itself when both are off."""
+    if settings.augment:
+        x = random_view(x, rng)
+    if settings.mixup_alpha > 0:
+        x = mixup(x, rng, settings.mixup_alpha)
+    return x
 
 
 def _rows(targets: dict[str, Any], rows: slice) -> dict[str, Any]:
@@ -183,7 +292,8 @@ def _student(request: DistillRequest, model_cfg: ModelConfig, taught: list[str])
 
 class DistillJob:
     """One worker's distillation in plain torch: its slice of the pool, the frozen teacher
-    and previous-model outputs, the student and the optimiser.
+    and previous-model outputs (or, with function matching on, the frozen networks, run per
+    batch on its view), the student and the optimiser.
 
     Ray Train runs it through :func:`distill_loop`; the benchmark runs it in-process.
 
@@ -221,14 +331,28 @@ class DistillJob:
         self.device = device
         self.taught = sorted({t.domain for t in request.teachers})
         self.tasks = {d: task for d, (task, _) in request.heads.items()}
-        # every frozen teacher is built once and run over both slices in one pass
-        targets = _targets(request, model_cfg, both, device)
-        self.hold_t = _rows(targets, slice(0, n_hold))
-        self.train_t = _rows(targets, slice(n_hold, None))
-        self.retained = sorted(self.train_t["previous"])
-        # (D, N): fixed per pool image, since the teachers' confidences never change
-        self.weights = teacher_weights(torch.stack([self.train_t["conf"][d]
-                                                    for d in self.taught]), s.weighting)
+        # every frozen teacher is built once (in the same order either way)
+        frozen = FrozenModels(request, model_cfg, device, keep=s.per_batch_targets)
+        self.frozen: FrozenModels | None = None
+        self.train_t: dict[str, Any] | None = None
+        self.weights: torch.Tensor | None = None
+        self.view_rng: np.random.Generator | None = None
+        if s.per_batch_targets:
+            # function matching: the teachers see each batch's own view, so they are kept
+            # and run per batch; the held-out signal is on the plain images
+            self.frozen = frozen
+            self.hold_t = frozen_outputs(frozen, self.x_hold, device)
+            self.view_rng = np.random.default_rng([request.seed, rank, 0x5EED])
+        else:
+            # the teachers are run over both slices once, in one pass
+            targets = frozen_outputs(frozen, both, device)
+            self.hold_t = _rows(targets, slice(0, n_hold))
+            self.train_t = _rows(targets, slice(n_hold, None))
+            # (D, N): fixed per pool image, since the teachers' confidences never change
+            self.weights = teacher_weights(torch.stack([self.train_t["conf"][d]
+                                                        for d in self.taught]), s.weighting)
+        del frozen
+        self.retained = sorted(self.hold_t["previous"])
         student = _student(request, model_cfg, self.taught).to(device)
         self.module = wrap(student) if wrap is not None else student
         self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=s.lr,
@@ -242,19 +366,30 @@ class DistillJob:
     def step(self) -> dict[str, float]:
         """One optimiser step on a random batch; returns every named loss value
         (:data:`~strategies.distill.LOSS_NAMES`)."""
-        s, t = self.settings, self.train_t
+        s = self.settings
         idx = torch.randint(len(self.x_train), (min(s.batch_size, len(self.x_train)),),
                             generator=self.generator)
         xb = self.x_train[idx].to(self.device)
+        if self.frozen is not None:  # this batch's view, to the teachers and the student
+            assert self.view_rng is not None
+            xb = pool_view(xb, self.view_rng, s)
+            t = frozen_outputs(self.frozen, xb, self.device)
+            weights = teacher_weights(torch.stack([t["conf"][d] for d in self.taught]),
+                                      s.weighting)
+        else:  # the precomputed outputs of these pool images
+            assert self.train_t is not None and self.weights is not None
+            idx_d = idx.to(self.device)
+            t = {name: {d: v[idx_d] for d, v in self.train_t[name].items()}
+                 for name in ("probs", "feats", "previous")}
+            weights = self.weights[:, idx_d]
         with autocast(self.precision, self.device):
             _, logits, projected = self.module(xb)
-        idx_d = idx.to(self.device)
         terms = distillation_loss(
             logits, projected,
-            teacher_probs={d: t["probs"][d][idx_d] for d in self.taught},
-            teacher_features={d: t["feats"][d][idx_d] for d in self.taught},
-            previous_probs={d: t["previous"][d][idx_d] for d in self.retained},
-            weights=self.weights[:, idx_d], tasks=self.tasks, settings=s)
+            teacher_probs={d: t["probs"][d] for d in self.taught},
+            teacher_features={d: t["feats"][d] for d in self.taught},
+            previous_probs={d: t["previous"][d] for d in self.retained},
+            weights=weights, tasks=self.tasks, settings=s)
         self.optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         self.optimizer.step()

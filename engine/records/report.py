@@ -248,7 +248,7 @@ def _protocol(summary: dict[str, Any]) -> list[str]:
              + f"; evaluation fine-tuning {budgets.get('evaluation_epochs')} epoch(s), "
                f"linear probe {budgets.get('probe_epochs')}.",
              "- Round reported by every federated arm (the same rule for all): "
-             f"`{summary.get('select_rule', 'last')}`."]
+             f"`{summary.get('select_rule', 'not recorded')}`."]
     pool = summary.get("pool") or {}
     if pool:
         held = "; ".join(pool.get("sources", []))

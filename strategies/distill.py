@@ -12,6 +12,28 @@ where ``g_p`` are the previous global model's heads for the domains not taught t
 Multi-label heads use a per-label binary KL of sigmoids instead of the softmax KL. With
 function matching on (``augment``, ``mixup_alpha``), the batch is a random view of pool
 images, the same one for the student, the teachers and the previous global model.
+
+Per-sample relevance (FedAUX-style, ``strategy.relevance``): a teacher may carry
+``sample_weights``, one non-negative weight per pool image (its client's score of how much
+the image looks like its own data). The exact rule, for teacher ``i`` of domain ``d`` with
+example weight ``w_i`` (normalised over the domain) and pool image ``n``:
+
+* ``r_i(n) = sample_weights_i(n) / mean_pool(sample_weights_i)`` (a teacher without weights:
+  ``r_i = 1``), so the mean weight over the whole pool is 1;
+* ``a_i(n) = w_i * r_i(n)``; the domain's relevance is ``rho_d(n) = sum_i a_i(n)`` (its
+  pool mean is 1 again), and the teachers of ``d`` are mixed per image with the weights
+  ``a_i(n) / rho_d(n)`` (``w_i`` where ``rho_d(n) = 0``) -- for the KL this equals
+  weighting each teacher's own KD term by ``a_i(n)`` (up to a constant);
+* the KD term of domain ``d`` on image ``n`` is multiplied by ``rho_d(n)`` on top of the
+  uniform / confidence weight among domains, and so is its feature-matching term:
+
+      kd      = sum_d mean_n w_d(n) * rho_d(n) * T^2 * KL_d(n)
+      feature = mean_d mean_n rho_d(n) * (1 - cos_d(n))
+
+  Retention is not weighted. A mixed image (mixup) has the mixed weights
+  ``lambda * r_i(n) + (1 - lambda) * r_i(perm(n))``; a random view keeps its image's.
+
+Without sample weights (the default) nothing of this runs and the objective is as above.
 """
 
 from __future__ import annotations
@@ -79,6 +101,38 @@ def teacher_weights(confidences: torch.Tensor, mode: Weighting) -> torch.Tensor:
     raise ValueError(f"unknown teacher weighting {mode!r}; use 'uniform' or 'confidence'")
 
 
+def normalised_sample_weights(weights: torch.Tensor) -> torch.Tensor:
+    """A teacher's per-pool-image weights divided by their mean over the pool (float32),
+    so they average 1: ``r_i`` of the module docstring."""
+    w = weights.float()
+    return w / w.mean()
+
+
+def domain_relevance(example_weights: torch.Tensor, relevance: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-image mixing of one domain's teachers and the domain's relevance.
+
+    Parameters
+    ----------
+    example_weights
+        ``(T,)`` the teachers' example weights, summing to 1 over the domain (``w_i``).
+    relevance
+        ``(T, B)`` their normalised sample weights on the batch's images (``r_i``).
+
+    Returns
+    -------
+    tuple
+        ``(mix, rho)``: ``(T, B)`` weights summing to 1 over the teachers for every image
+        (``a_i / rho``; ``w_i`` where ``rho`` is 0) and ``(B,)`` ``rho = sum_i w_i r_i``.
+    """
+    base = example_weights.to(relevance).reshape(-1, 1)
+    a = base * relevance
+    rho = a.sum(dim=0)
+    mix = torch.where(rho > 0, a / rho.clamp_min(torch.finfo(a.dtype).tiny),
+                      base.expand_as(a))
+    return mix, rho
+
+
 def feature_matching(projected: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """``1 - cos`` between projected student features and teacher features, ``(B,)``."""
     return 1.0 - F.cosine_similarity(projected.float(), teacher.float(), dim=1)
@@ -108,7 +162,8 @@ def distillation_loss(logits: Mapping[str, torch.Tensor], projected: Mapping[str
                       *, teacher_probs: Mapping[str, torch.Tensor],
                       teacher_features: Mapping[str, torch.Tensor],
                       previous_probs: Mapping[str, torch.Tensor], weights: torch.Tensor,
-                      tasks: Mapping[str, TaskType], settings: DistillSettings
+                      tasks: Mapping[str, TaskType], settings: DistillSettings,
+                      sample_weights: Mapping[str, torch.Tensor] | None = None
                       ) -> dict[str, torch.Tensor]:
     """The objective on one batch, term by term (see the module docstring).
 
@@ -127,6 +182,10 @@ def distillation_loss(logits: Mapping[str, torch.Tensor], projected: Mapping[str
         Domain -> task type.
     settings
         Temperature and term weights.
+    sample_weights
+        Per taught domain, its relevance ``rho_d`` ``(B,)`` on the batch's images (see the
+        module docstring); a domain not in it (and ``None``, the default) weighs every
+        image 1. It scales the domain's KD and feature-matching terms per image.
 
     Returns
     -------
@@ -135,10 +194,18 @@ def distillation_loss(logits: Mapping[str, torch.Tensor], projected: Mapping[str
     """
     taught = list(teacher_probs)
     t = settings.temperature
-    kd = sum((weights[i] * kd_per_sample(logits[d], teacher_probs[d], t, tasks[d])).mean()
-             for i, d in enumerate(taught))
-    feature = sum(feature_matching(projected[d], teacher_features[d]).mean()
-                  for d in taught) / len(taught)
+    if sample_weights:
+        rel = {d: sample_weights[d] for d in taught if d in sample_weights}
+        kd = sum((weights[i] * _relevant(rel, d, kd_per_sample(logits[d], teacher_probs[d],
+                                                                t, tasks[d]))).mean()
+                 for i, d in enumerate(taught))
+        feature = sum(_relevant(rel, d, feature_matching(projected[d], teacher_features[d]))
+                      .mean() for d in taught) / len(taught)
+    else:  # today's objective, untouched
+        kd = sum((weights[i] * kd_per_sample(logits[d], teacher_probs[d], t, tasks[d])).mean()
+                 for i, d in enumerate(taught))
+        feature = sum(feature_matching(projected[d], teacher_features[d]).mean()
+                      for d in taught) / len(taught)
     retained = list(previous_probs)
     zero = next(iter(logits.values())).new_zeros((), dtype=torch.float32)
     retention = (sum(kd_per_sample(logits[d], previous_probs[d], t, tasks[d]).mean()
@@ -147,6 +214,13 @@ def distillation_loss(logits: Mapping[str, torch.Tensor], projected: Mapping[str
     terms["loss"] = sum(w * terms[name] if w != 1.0 else terms[name]
                         for name, w in term_weights(settings).items())
     return terms
+
+
+def _relevant(rel: Mapping[str, torch.Tensor], domain: str, per_sample: torch.Tensor
+              ) -> torch.Tensor:
+    """``per_sample`` ``(B,)`` scaled by the domain's relevance, when it has one."""
+    r = rel.get(domain)
+    return per_sample if r is None else r.to(per_sample) * per_sample
 
 
 @dataclass(frozen=True)
@@ -200,7 +274,22 @@ class DistillSettings:
 
 @dataclass(frozen=True)
 class Teacher:
-    """One client's fine-tuned model, as weights: encoder and the head of ``domain``."""
+    """One client's fine-tuned model, as weights: encoder and the head of ``domain``.
+
+    Attributes
+    ----------
+    cid, domain, task, num_classes
+        Whose model, which head, its task and width.
+    state
+        Encoder and ``domain``'s head.
+    weight
+        Its weight among the teachers of its domain (e.g. the client's training examples).
+    sample_weights
+        ``(pool size,)`` non-negative weights, one per image of the server's pool in the
+        order the distillation reads it, not all zero (the client's pool scores); the
+        objective weights this teacher's targets per image by them, normalised to mean 1
+        (see the module docstring). ``None`` (the default): every image weighs 1.
+    """
 
     cid: str
     domain: str
@@ -208,6 +297,21 @@ class Teacher:
     num_classes: int
     state: State
     weight: float = 1.0
+    sample_weights: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        w = self.sample_weights
+        if w is None:
+            return
+        where = f"teacher {self.cid}/{self.domain}: sample_weights"
+        if not isinstance(w, torch.Tensor) or w.ndim != 1 or not w.is_floating_point():
+            shape = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
+            raise ValueError(f"{where} must be a 1-D float tensor (one weight per pool "
+                             f"image), got {shape}")
+        if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+            raise ValueError(f"{where} must be finite and >= 0")
+        if not bool((w > 0).any()):
+            raise ValueError(f"{where} are all zero: the teacher would teach nothing")
 
 
 @dataclass
@@ -219,7 +323,8 @@ class DistillRequest:
     student
         The student's starting weights: the current global encoder and its heads.
     teachers
-        The teachers of this round.
+        The teachers of this round (a teacher's ``sample_weights``, if any, are indexed by
+        the images of the pool the trainer reads, in its order).
     previous
         The previous global model (encoder and heads) for the retention term, or empty.
     heads

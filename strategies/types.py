@@ -56,7 +56,8 @@ class FitIns:
 
     ``state`` is loaded into the client's model (encoder and/or heads); heads listed in
     ``fresh_heads`` are initialised anew from ``config["seed"]``. ``config`` may hold
-    ``epochs``, ``lr``, ``proximal_mu`` and ``select_on_val``.
+    ``epochs``, ``lr``, ``proximal_mu``, ``select_on_val`` and ``score_pool`` (return
+    :attr:`FitRes.pool_scores`).
     """
 
     state: State
@@ -66,12 +67,31 @@ class FitIns:
 
 @dataclass
 class FitRes:
-    """What a client sends back after training: weights and scalar metrics, nothing else."""
+    """What a client sends back after training: weights and scalar metrics, and, when the
+    server asked for them (``config["score_pool"]``), one score per *public* pool image;
+    nothing else.
+
+    Attributes
+    ----------
+    cid
+        Client id.
+    state
+        The trained weights.
+    num_examples
+        Number of training examples.
+    metrics
+        Scalar training metrics.
+    pool_scores
+        ``(pool size,)`` float32 in ``[0, 1]``: how much each image of the server's public
+        pool (in the distillation's order) looks like the client's own data; ``None``
+        unless asked for.
+    """
 
     cid: str
     state: State
     num_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
+    pool_scores: torch.Tensor | None = None
 
 
 @dataclass

@@ -6,7 +6,9 @@ Per round of stage ``s`` (domains join in stages):
    domain's global head (a fresh head the first time).
 2. **Local training**: it fine-tunes encoder and head on its private train split, keeping
    the epoch with the best private val AUC.
-3. **Transfer**: it returns the fine-tuned weights (the teacher); nothing else.
+3. **Transfer**: it returns the fine-tuned weights (the teacher); nothing else, unless
+   ``strategy.relevance`` asks each client for one score per public pool image (how much
+   it looks like the client's own data), which its teachers then carry as sample weights.
 4. **Distil**: the server's distiller (Ray Train, provided by the engine) trains the global
    student, one shared encoder and one head per domain, on the unlabelled pool against the
    teachers, with feature matching and retention of the previous global model.
@@ -25,18 +27,30 @@ from strategies.state import encoder_of, head_of, heads_of
 from strategies.types import ClientInfo, FitIns, FitRes, State
 
 
-def teachers_from(results: Mapping[str, FitRes], infos: Mapping[str, ClientInfo]
-                  ) -> list[Teacher]:
+def teachers_from(results: Mapping[str, FitRes], infos: Mapping[str, ClientInfo], *,
+                  relevance: bool = False) -> list[Teacher]:
     """One teacher per client and domain: the client's encoder and that domain's head,
-    weighted by the client's number of training examples."""
+    weighted by the client's number of training examples; with ``relevance``, carrying the
+    client's pool scores as its ``sample_weights``.
+
+    Raises
+    ------
+    ValueError
+        With ``relevance``, for a result without pool scores.
+    """
     teachers = []
     for cid in sorted(results):
-        info, state = infos[cid], results[cid].state
+        info, res = infos[cid], results[cid]
+        state = res.state
+        if relevance and res.pool_scores is None:
+            raise ValueError(f"client {cid} returned no pool scores, which "
+                             "strategy.relevance=true asks every client for")
         for domain in info.domains:
             teachers.append(Teacher(cid=cid, domain=domain, task=info.tasks[domain],
                                     num_classes=info.num_classes[domain],
                                     state={**encoder_of(state), **head_of(state, domain)},
-                                    weight=float(results[cid].num_examples)))
+                                    weight=float(res.num_examples),
+                                    sample_weights=res.pool_scores if relevance else None))
     return teachers
 
 
@@ -83,6 +97,12 @@ class UniversalOptions:
         the MIM base in round 1) or ``merged`` (the weight average of the round's teacher
         encoders, weighted by their training examples, with the current global heads);
         retention always pulls towards the previous global model.
+    relevance
+        Per-sample relevance weighting (FedAUX-style): every client also returns one score
+        per public pool image (``score_pool`` in its fit config; a discriminator of its own
+        train images against the pool on its fine-tuned encoder's features), and a domain's
+        head learns mostly from the pool images its teachers score as their own (each
+        teacher's ``sample_weights``; see :mod:`strategies.distill`). Off: as before.
     """
 
     stages: tuple[tuple[str, ...], ...] = ()
@@ -91,6 +111,7 @@ class UniversalOptions:
     local_epochs: int | None = None
     select_on_val: bool = True
     student_init: Literal["previous", "merged"] = "previous"
+    relevance: bool = False
 
     def __post_init__(self) -> None:
         if self.num_stages < 1 or self.rounds_per_stage < 1:
@@ -102,6 +123,9 @@ class UniversalOptions:
                              f"{self.student_init!r}")
         if any(not stage for stage in self.stages):
             raise ValueError("strategy.stages: every stage needs at least one domain")
+        if not isinstance(self.relevance, bool):
+            raise ValueError(f"strategy.relevance must be true or false, got "
+                             f"{self.relevance!r}")
 
 
 class Universal(Strategy):
@@ -161,7 +185,8 @@ class Universal(Strategy):
         out = super().configure_fit(server_round, active)
         for ins in out.values():
             ins.config = {"select_on_val": self.select_on_val,
-                          **({"epochs": self.local_epochs} if self.local_epochs else {})}
+                          **({"epochs": self.local_epochs} if self.local_epochs else {}),
+                          **({"score_pool": True} if self.options.relevance else {})}
         return out
 
     def aggregate_fit(self, server_round: int, results: Mapping[str, FitRes],
@@ -170,7 +195,7 @@ class Universal(Strategy):
             raise RuntimeError("the universal strategy needs a distiller (the engine binds one)")
         if not results:
             raise ValueError(f"round {server_round}: no teacher to distil")
-        teachers = teachers_from(results, self.clients)
+        teachers = teachers_from(results, self.clients, relevance=self.options.relevance)
         onboarded = {d for stage in self.stages[:self.stage_of(server_round) + 1]
                      for d in stage}
         heads = {}

@@ -6,6 +6,7 @@ clients it serves (each loads its own shards once) and forwards ``fit`` / ``eval
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -15,7 +16,8 @@ import torch
 
 from engine.config import DataConfig, ModelConfig, TrainConfig
 from engine.config.plugins import Plugins, install
-from engine.fl.client import Client, ClientSpec, shard_builder
+from engine.fl.client import Client, ClientSpec, read_pool, shard_builder
+from engine.fl.relevance import PublicPool
 from strategies.types import ClientInfo, EvaluateIns, EvaluateRes, FitIns, FitRes, State
 
 
@@ -29,9 +31,12 @@ class ClientHost:
         torch.set_num_threads(max(1, num_threads))
         models: dict[tuple, Any] = {}  # one network per head layout, shared by the clients
         builder = shard_builder(data)
+        # the public pool, read on this node once, when a fit first asks for pool scores
+        pool = functools.cache(lambda: PublicPool.from_shard(read_pool(data)))
         self.clients = {s.cid: Client(s.resolve(data, builder), model, train, seed=seed,
                                       max_train_samples=data.max_train_samples,
-                                      max_eval_samples=data.max_eval_samples, models=models)
+                                      max_eval_samples=data.max_eval_samples, models=models,
+                                      pool=pool)
                         for s in specs}
 
     def infos(self) -> list[ClientInfo]:
@@ -39,7 +44,8 @@ class ClientHost:
         return [c.info() for c in self.clients.values()]
 
     def fit(self, cid: str, shared: State, ins: FitIns) -> FitRes:
-        """Train client ``cid``; ``shared`` holds the tensors common to every client."""
+        """Train client ``cid``; ``shared`` holds the tensors common to every client. The
+        client's result (weights, metrics and any ``pool_scores``) is returned unchanged."""
         ins.state = {**shared, **ins.state}
         return self.clients[cid].fit(ins)
 

@@ -282,6 +282,18 @@ class ShardBuilder:
                     ", ".join(f"{k}: {v}" for k, v in composition(all_ids).items()), path)
         return write_shard(path, Shard(ids=all_ids, images=all_images, labels=None, meta=meta))
 
+    def pool_shard(self, cap: int | None = None, seed: int = 0) -> Shard:
+        """The server's pool shard as every reader of it sees it (building it if needed):
+        cut to ``cap`` images with ``seed`` (:func:`~engine.data.pool.pool_subset`, shard
+        order kept); ``None``: the whole pool.
+
+        MIM pretraining, the distillation and the clients' pool scores all read the pool
+        through this one function, so a per-image vector of one lines up with the others.
+        """
+        shard = read_shard(self.pool())
+        keep = pool_subset(shard.ids, cap, seed)
+        return shard.subset(keep) if len(keep) < len(shard) else shard
+
     def pool_composition(self, cap: int | None = None, seed: int = 0) -> dict[str, int]:
         """Images per source in the server's pool (building it if needed), e.g.
         ``{"mednist": 29477, "breast": 55}``: ``"mednist"`` for the MedNIST half, then each

@@ -12,7 +12,7 @@ import logging
 import math
 import time
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +32,7 @@ from engine.data import (
 )
 from engine.data.prepare import ShardRecipe
 from engine.data.shards import Shard, read_shard
+from engine.fl.relevance import PublicPool
 from engine.nn.metrics import auc_acc, scores_from_logits
 from engine.nn.models import MultiHeadNet, build_model
 from engine.nn.precision import autocast, autocast_dtype
@@ -74,6 +75,14 @@ def shard_builder(data: DataConfig) -> ShardBuilder:
                         resolve_data_root(data.data_root), resolve_cache_dir(data.cache_dir),
                         mednist=MedNISTSplitSettings(seed=data.mednist_seed),
                         download=data.download, pool=pool)
+
+
+def read_pool(data: DataConfig) -> Shard:
+    """The server's public pool shard as the distillation reads it: found (or built) on the
+    node this runs on and cut to ``data.pool_size`` with ``data.mednist_seed``
+    (:meth:`~engine.data.ShardBuilder.pool_shard`). Its images, in this order, are the rows
+    of a client's ``pool_scores`` and of a teacher's ``sample_weights``."""
+    return shard_builder(data).pool_shard(data.pool_size, data.mednist_seed)
 
 
 def derive_seed(*parts: object) -> int:
@@ -130,22 +139,31 @@ class Client:
         A cache of networks shared by the clients of one process (key: the heads), so
         hundreds of virtual clients in one actor hold one model, not hundreds. Sharing is
         safe because a client loads the full received state before every use.
+    pool
+        Loads the server's public pool (:class:`~engine.fl.relevance.PublicPool`: its
+        images in the order and cap of :func:`read_pool`), called when a fit asks for pool
+        scores (``score_pool``); the loader may cache. ``None``: the client cannot score
+        the pool.
     """
 
     def __init__(self, spec: ClientSpec, model: ModelConfig, train: TrainConfig, *,
                  seed: int = 0, max_train_samples: int | None = None,
                  max_eval_samples: int | None = None, device: str | None = None,
-                 models: dict[tuple, MultiHeadNet] | None = None) -> None:
+                 models: dict[tuple, MultiHeadNet] | None = None,
+                 pool: Callable[[], PublicPool] | None = None) -> None:
         if spec.recipes:
             raise ValueError(f"client {spec.cid}: resolve its shard recipes first "
                              "(ClientSpec.resolve)")
         self.spec = spec
         self.cid = spec.cid
+        self.pool = pool
         self.train_cfg = train
         self.seed = seed
         self.device = pick_device(device)
         self.tasks: dict[str, str] = {}
         self.num_classes: dict[str, int] = {}
+        # per domain, the normalisation (mean, std) of its train shard
+        self.norms: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {}
         self.data: dict[str, dict[str, _Split]] = {}
         for domain, paths in spec.shards.items():
             self.data[domain] = {}
@@ -157,6 +175,8 @@ class Client:
                 self.data[domain][split] = _Split(x.to(self.device), y.to(self.device))
                 self.tasks[domain] = shard.meta.task
                 self.num_classes[domain] = shard.meta.num_classes
+                if split == "train":
+                    self.norms[domain] = (tuple(shard.meta.mean), tuple(shard.meta.std))
         # train.precision, by the one rule of engine.nn.precision (bf16 on a CPU is real)
         self.autocast_dtype = autocast_dtype(train.precision, self.device)
         self.use_bf16 = self.autocast_dtype == torch.bfloat16
@@ -186,6 +206,11 @@ class Client:
 
         The learning-rate schedule (``train.schedule``, ``train.warmup_epochs``; see
         :mod:`engine.nn.schedule`) spans this one call's epochs and is stepped per batch.
+
+        With ``config["score_pool"]`` true, the returned model (the selected epoch's) then
+        scores every public pool image for how much it looks like the client's own train
+        images (:meth:`pool_scores`): ``FitRes.pool_scores``, one float per pool image and
+        nothing about a private one (its time counts in ``train_seconds``).
         """
         started = time.perf_counter()
         cfg = ins.config
@@ -223,9 +248,51 @@ class Client:
                     metrics["best_epoch"] = float(epoch + 1)
                     metrics["val_selection_score"] = score
         state = best[1] if best is not None else self._export()
+        pool_scores = (self.pool_scores(state, derive_seed(fit_seed, "pool-scores"))
+                       if cfg.get("score_pool", False) else None)
         metrics["train_seconds"] = time.perf_counter() - started
         return FitRes(cid=self.cid, state=state, num_examples=self.info().num_train,
-                      metrics=metrics)
+                      metrics=metrics, pool_scores=pool_scores)
+
+    def pool_scores(self, state: State, seed: int) -> torch.Tensor:
+        """How much every public pool image looks like this client's own data.
+
+        ``state`` is loaded; its frozen encoder's features of the client's own train images
+        (every domain's; a seeded subsample of at most
+        :data:`~engine.fl.relevance.MAX_SAMPLES`, put on the pool's intensity scale by
+        :func:`~engine.fl.relevance.renormalise`) and of the pool images train a
+        one-vs-public discriminator (:func:`~engine.fl.relevance.pool_relevance`, seeded
+        by ``seed``), whose sigmoid probability is each pool image's score.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(pool size,)`` float32 in ``[0, 1]`` on the CPU, in the pool's order.
+
+        Raises
+        ------
+        ValueError
+            When the client was given no pool loader.
+        """
+        from engine.fl.relevance import MAX_SAMPLES, pool_relevance, renormalise, sample_rows
+
+        if self.pool is None:
+            raise ValueError(f"client {self.cid}: asked for pool scores (score_pool) but it "
+                             "has no public pool to read")
+        pool = self.pool()
+        self._load(state, (), 0)
+        sizes = [len(s["train"].y) for s in self.data.values()]
+        keep = torch.from_numpy(sample_rows(sum(sizes), MAX_SAMPLES,
+                                            np.random.default_rng([seed, 0x0C11])))
+        own, start = [], 0
+        for (domain, splits), n in zip(self.data.items(), sizes, strict=True):
+            rows = keep[(keep >= start) & (keep < start + n)] - start
+            start += n
+            if len(rows):
+                x = splits["train"].x[rows.to(self.device)]
+                own.append(self._image_features(renormalise(x, *self.norms[domain],
+                                                             pool.mean, pool.std)))
+        return pool_relevance(torch.cat(own), self._image_features(pool.images), seed)
 
     def evaluate(self, ins: EvaluateIns) -> EvaluateRes:
         """Score the received model on the client's own ``ins.split``; metrics only."""
@@ -430,12 +497,20 @@ class Client:
     def _features(self, domain: str, split: str) -> torch.Tensor:
         """The current encoder's features of one split: eval mode, under the client's
         autocast setting, returned as float32."""
+        return self._image_features(self.data[domain][split].x)
+
+    @torch.no_grad()
+    def _image_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The current encoder's float32 features of images ``x`` (any device; moved to the
+        client's in chunks), in eval mode under the client's autocast setting."""
         self.model.eval()
-        x = self.data[domain][split].x
         out = []
         for i in range(0, len(x), 1024):
+            xb = x[i:i + 1024].to(self.device)
+            if self.train_cfg.channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
             with autocast(self.train_cfg.precision, self.device):
-                out.append(self.model.features(x[i:i + 1024]).float())
+                out.append(self.model.features(xb).float())
         return (torch.cat(out) if out
                 else torch.zeros(0, self.model.out_features, device=self.device))
 

@@ -64,13 +64,16 @@ class FitCache:
             return None
         data = torch.load(io.BytesIO(path.read_bytes()), weights_only=True)
         return FitRes(cid=cid, state=data["state"], num_examples=int(data["num_examples"]),
-                      metrics={k: float(v) for k, v in data["metrics"].items()})
+                      metrics={k: float(v) for k, v in data["metrics"].items()},
+                      pool_scores=data.get("pool_scores"))
 
     def put(self, cid: str, ins: FitIns, res: FitRes) -> None:
         """Store ``res`` (atomically: concurrent writers of the same key write the same)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"{self.key(cid, ins)}.pt"
         buf = io.BytesIO()
-        torch.save({"state": res.state, "num_examples": res.num_examples,
-                    "metrics": res.metrics}, buf)
+        entry = {"state": res.state, "num_examples": res.num_examples, "metrics": res.metrics}
+        if res.pool_scores is not None:  # asked for by the config, so part of the key
+            entry["pool_scores"] = res.pool_scores
+        torch.save(entry, buf)
         write_atomic(path, buf.getvalue())

@@ -81,6 +81,16 @@ FINAL_VAL = "final_val"
 """History phase of the final evaluation under ``evaluation.split=val``."""
 
 
+def invalid_parts(res: FitRes) -> list[str]:
+    """What makes a client update unusable: the keys of its NaN / Inf tensors, and
+    ``"pool_scores"`` when its pool scores hold a NaN / Inf (empty: a valid update)."""
+    bad = nonfinite_keys(res.state)
+    scores = res.pool_scores
+    if scores is not None and not bool(torch.isfinite(scores).all()):
+        bad.append("pool_scores")
+    return bad
+
+
 def make_strategy(cfg: ExperimentConfig) -> Strategy:
     """The configured strategy with its own options and the engine's context."""
     context = StrategyContext(seed=cfg.seed, distill=cfg.distill.objective())
@@ -240,14 +250,14 @@ class Simulation:
         results, failures = self._dispatch("fit", todo, server_round, progress)
         if self.fit_cache is not None:
             for cid, res in results.items():
-                if not nonfinite_keys(res.state):
+                if not invalid_parts(res):
                     self.fit_cache.put(cid, instructions[cid], res)
         results.update(cached)
         seconds = time.perf_counter() - started
         valid: dict[str, FitRes] = {}
         for cid in sorted(results):
             res = results[cid]
-            bad = nonfinite_keys(res.state)
+            bad = invalid_parts(res)
             if bad:
                 failures[cid] = ClientFailure("nonfinite_update", f"NaN/Inf in {bad[:3]}")
                 continue

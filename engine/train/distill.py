@@ -13,6 +13,11 @@ The teachers' outputs are computed once per pool image, unless function matching
 (``distill.augment``, ``distill.mixup_alpha``): then every batch is a random view of pool
 images (:func:`pool_view`) and the frozen teachers and previous model run on that same view
 per batch, confidence weights and feature targets included.
+
+Teachers with ``sample_weights`` (per-sample relevance, :mod:`strategies.distill`) have them
+indexed by the pool the job is given: on either path each image carries its teachers'
+normalised weights (a mixed image the lambda-mix of its two images'), which mix the
+teachers of a domain per image and scale that domain's KD and feature terms.
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ from strategies.distill import (
     agreement,
     confidence,
     distillation_loss,
+    domain_relevance,
+    normalised_sample_weights,
     teacher_weights,
     tempered_probs,
 )
@@ -135,6 +142,33 @@ class FrozenModels:
                 self.model_cfg, {domain: t.num_classes},
                 {**encoder_of(t.state), **head_of(t.state, domain)}, self.device))
 
+    def relevance(self, pool_size: int) -> dict[str, torch.Tensor]:
+        """Per taught domain with a teacher that has ``sample_weights``: ``(T, pool_size)``
+        normalised weights of its teachers in order (1 for a teacher without), on the CPU.
+        Empty when no teacher has any (the default).
+
+        Raises
+        ------
+        DistillError
+            For sample weights whose length is not the pool's.
+        """
+        out: dict[str, torch.Tensor] = {}
+        for domain, group in self.groups.items():
+            if all(t.sample_weights is None for _, t in group):
+                continue
+            rows = []
+            for _, t in group:
+                w = t.sample_weights
+                if w is None:
+                    rows.append(torch.ones(pool_size))
+                    continue
+                if len(w) != pool_size:
+                    raise DistillError(f"teacher {t.cid}/{domain}: {len(w)} sample weights "
+                                       f"for a pool of {pool_size} images")
+                rows.append(normalised_sample_weights(w.detach().cpu()))
+            out[domain] = torch.stack(rows)
+        return out
+
     def previous(self) -> MultiHeadNet | None:
         """The previous global model with the retained heads, or ``None``."""
         if not self.retained:
@@ -145,34 +179,52 @@ class FrozenModels:
             {**encoder_of(prev), **heads_of(prev, self.retained)}, self.device))
 
 
+def _scaled(weight: float | torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``weight * value``; a per-image weight ``(B,)`` scales the rows of ``value``."""
+    if isinstance(weight, torch.Tensor):
+        return weight.reshape(-1, *([1] * (value.dim() - 1))) * value
+    return weight * value
+
+
 @torch.no_grad()
 def frozen_outputs(models: FrozenModels, x: torch.Tensor, device: torch.device,
-                   chunk: int = 1024) -> dict[str, dict[str, torch.Tensor]]:
+                   chunk: int = 1024, relevance: dict[str, torch.Tensor] | None = None
+                   ) -> dict[str, dict[str, torch.Tensor]]:
     """Teacher and previous-model outputs on ``x`` (float32, in chunks of ``chunk`` images).
+
+    ``relevance`` holds, per domain with sample weights, its teachers' normalised weights on
+    the images of ``x`` (``(T, len(x))``, :meth:`FrozenModels.relevance`'s rows); those
+    domains' teachers are mixed per image (:func:`strategies.distill.domain_relevance`).
 
     Returns
     -------
     dict
         ``probs`` (tempered), ``conf``, ``feats`` and ``logits`` per taught domain, each the
-        weighted mean over the domain's teachers; ``previous`` (tempered probabilities) and
-        ``prev_logits`` per retained domain.
+        weighted mean over the domain's teachers; ``relevance`` (``rho``, ``(len(x),)``) per
+        domain of ``relevance``; ``previous`` (tempered probabilities) and ``prev_logits``
+        per retained domain.
     """
     t = models.temperature
-    probs, conf, feats, logits = {}, {}, {}, {}
+    probs, conf, feats, logits, rho = {}, {}, {}, {}, {}
     for domain in models.groups:
         task = models.tasks[domain]
         p_sum = c_sum = f_sum = l_sum = 0.0
-        for w, net in models.teachers(domain):
+        mix = None
+        if relevance and domain in relevance:
+            base = torch.tensor([w for w, _ in models.groups[domain]])
+            mix, rho[domain] = domain_relevance(base, relevance[domain].to(device).float())
+        for i, (w_i, net) in enumerate(models.teachers(domain)):
+            w = w_i if mix is None else mix[i]
             out_l, out_f = [], []
             for i in range(0, len(x), chunk):
                 f = net.features(x[i:i + chunk].to(device)).float()
                 out_f.append(f)
                 out_l.append(net.heads[domain](f))
             lg, ft = torch.cat(out_l), torch.cat(out_f)
-            p_sum = p_sum + w * tempered_probs(lg, t, task)
-            c_sum = c_sum + w * confidence(lg, task)
-            f_sum = f_sum + w * ft
-            l_sum = l_sum + w * lg
+            p_sum = p_sum + _scaled(w, tempered_probs(lg, t, task))
+            c_sum = c_sum + _scaled(w, confidence(lg, task))
+            f_sum = f_sum + _scaled(w, ft)
+            l_sum = l_sum + _scaled(w, lg)
         probs[domain], conf[domain], feats[domain], logits[domain] = p_sum, c_sum, f_sum, l_sum
     previous: dict[str, torch.Tensor] = {}
     prev_logits: dict[str, torch.Tensor] = {}
@@ -187,7 +239,7 @@ def frozen_outputs(models: FrozenModels, x: torch.Tensor, device: torch.device,
             prev_logits[d] = torch.cat(parts[d])
             previous[d] = tempered_probs(prev_logits[d], t, models.tasks[d])
     return {"probs": probs, "conf": conf, "feats": feats, "logits": logits,
-            "previous": previous, "prev_logits": prev_logits}
+            "relevance": rho, "previous": previous, "prev_logits": prev_logits}
 
 
 def _targets(request: DistillRequest, model_cfg: ModelConfig, x: torch.Tensor,
@@ -214,11 +266,17 @@ def random_view(x: torch.Tensor, rng: np.random.Generator, shift: int = 2) -> to
     return padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
 
 
+def mixup_draw(n: int, rng: np.random.Generator, alpha: float) -> tuple[float, torch.Tensor]:
+    """One batch's mixup: ``lambda ~ Beta(alpha, alpha)``, then a permutation of ``n``."""
+    lam = float(rng.beta(alpha, alpha))
+    return lam, torch.from_numpy(rng.permutation(n))
+
+
 def mixup(x: torch.Tensor, rng: np.random.Generator, alpha: float) -> torch.Tensor:
     """``lambda * x + (1 - lambda) * x[perm]``: every image mixed with another image of the
     batch (a random permutation), one ``lambda ~ Beta(alpha, alpha)`` per batch."""
-    lam = float(rng.beta(alpha, alpha))
-    perm = torch.from_numpy(rng.permutation(len(x))).to(x.device)
+    lam, perm = mixup_draw(len(x), rng, alpha)
+    perm = perm.to(x.device)
     return lam * x + (1.0 - lam) * x[perm]
 
 
@@ -227,11 +285,24 @@ def pool_view(x: torch.Tensor, rng: np.random.Generator, settings: DistillSettin
     """The batch the student and the frozen networks see (function matching): ``x`` through
     :func:`random_view` when ``distill.augment``, then :func:`mixup` when
     ``distill.mixup_alpha > 0``; ``x`` itself when both are off."""
+    return weighted_pool_view(x, rng, settings, None)[0]
+
+
+def weighted_pool_view(x: torch.Tensor, rng: np.random.Generator, settings: DistillSettings,
+                       relevance: dict[str, torch.Tensor] | None
+                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+    """:func:`pool_view` of ``x`` (the same draws) with its images' teacher weights:
+    ``relevance`` (domain -> ``(T, B)``, or ``None``) is kept by a random view and mixed
+    with the images under mixup (``lambda * r + (1 - lambda) * r[:, perm]``)."""
     if settings.augment:
         x = random_view(x, rng)
     if settings.mixup_alpha > 0:
-        x = mixup(x, rng, settings.mixup_alpha)
-    return x
+        lam, perm = mixup_draw(len(x), rng, settings.mixup_alpha)
+        x = lam * x + (1.0 - lam) * x[perm.to(x.device)]
+        if relevance is not None:
+            relevance = {d: lam * r + (1.0 - lam) * r[:, perm.to(r.device)]
+                         for d, r in relevance.items()}
+    return x, relevance
 
 
 def _rows(targets: dict[str, Any], rows: slice) -> dict[str, Any]:
@@ -305,7 +376,8 @@ class DistillJob:
         Network settings.
     x
         The whole (normalised) pool; a held-out slice is kept for the stopping signal and
-        the rest is sharded over ``world`` workers.
+        the rest is sharded over ``world`` workers. The teachers' ``sample_weights``, if
+        any, index its images (:class:`DistillError` when their length is not ``len(x)``).
     device
         Where the job computes.
     rank, world
@@ -326,26 +398,39 @@ class DistillJob:
         order = np.random.default_rng(request.seed).permutation(len(x))
         n_hold = max(1, round(s.holdout_fraction * len(x)))
         # the held-out slice, then this worker's share of the rest: one copy, two views
-        both = x[np.concatenate([order[:n_hold], order[n_hold:][rank::world]])]
+        rows = np.concatenate([order[:n_hold], order[n_hold:][rank::world]])
+        both = x[rows]
         self.x_hold, self.x_train = both[:n_hold], both[n_hold:]
         self.device = device
         self.taught = sorted({t.domain for t in request.teachers})
         self.tasks = {d: task for d, (task, _) in request.heads.items()}
         # every frozen teacher is built once (in the same order either way)
         frozen = FrozenModels(request, model_cfg, device, keep=s.per_batch_targets)
+        # per-sample relevance: every teacher's normalised weights of this job's images
+        # (held-out first, then this worker's share), or None (the default)
+        pool_rel = frozen.relevance(len(x))
+        rows_t = torch.from_numpy(rows)
+        rel = {d: r[:, rows_t] for d, r in pool_rel.items()} or None
         self.frozen: FrozenModels | None = None
         self.train_t: dict[str, Any] | None = None
         self.weights: torch.Tensor | None = None
         self.view_rng: np.random.Generator | None = None
+        self.train_rel: dict[str, torch.Tensor] | None = None
         if s.per_batch_targets:
             # function matching: the teachers see each batch's own view, so they are kept
             # and run per batch; the held-out signal is on the plain images
             self.frozen = frozen
-            self.hold_t = frozen_outputs(frozen, self.x_hold, device)
+            if rel is None:
+                self.hold_t = frozen_outputs(frozen, self.x_hold, device)
+            else:
+                self.hold_t = frozen_outputs(frozen, self.x_hold, device,
+                                             relevance={d: r[:, :n_hold] for d, r in rel.items()})
+                self.train_rel = {d: r[:, n_hold:] for d, r in rel.items()}
             self.view_rng = np.random.default_rng([request.seed, rank, 0x5EED])
         else:
             # the teachers are run over both slices once, in one pass
-            targets = frozen_outputs(frozen, both, device)
+            targets = (frozen_outputs(frozen, both, device) if rel is None
+                       else frozen_outputs(frozen, both, device, relevance=rel))
             self.hold_t = _rows(targets, slice(0, n_hold))
             self.train_t = _rows(targets, slice(n_hold, None))
             # (D, N): fixed per pool image, since the teachers' confidences never change
@@ -372,15 +457,20 @@ class DistillJob:
         xb = self.x_train[idx].to(self.device)
         if self.frozen is not None:  # this batch's view, to the teachers and the student
             assert self.view_rng is not None
-            xb = pool_view(xb, self.view_rng, s)
-            t = frozen_outputs(self.frozen, xb, self.device)
+            if self.train_rel is None:
+                xb = pool_view(xb, self.view_rng, s)
+                t = frozen_outputs(self.frozen, xb, self.device)
+            else:  # the view's images carry their teachers' weights
+                xb, rel = weighted_pool_view(xb, self.view_rng, s,
+                                             {d: r[:, idx] for d, r in self.train_rel.items()})
+                t = frozen_outputs(self.frozen, xb, self.device, relevance=rel)
             weights = teacher_weights(torch.stack([t["conf"][d] for d in self.taught]),
                                       s.weighting)
         else:  # the precomputed outputs of these pool images
             assert self.train_t is not None and self.weights is not None
             idx_d = idx.to(self.device)
             t = {name: {d: v[idx_d] for d, v in self.train_t[name].items()}
-                 for name in ("probs", "feats", "previous")}
+                 for name in ("probs", "feats", "relevance", "previous")}
             weights = self.weights[:, idx_d]
         with autocast(self.precision, self.device):
             _, logits, projected = self.module(xb)
@@ -389,7 +479,8 @@ class DistillJob:
             teacher_probs={d: t["probs"][d] for d in self.taught},
             teacher_features={d: t["feats"][d] for d in self.taught},
             previous_probs={d: t["previous"][d] for d in self.retained},
-            weights=weights, tasks=self.tasks, settings=s)
+            weights=weights, tasks=self.tasks, settings=s,
+            sample_weights=t["relevance"] or None)
         self.optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         self.optimizer.step()

@@ -24,8 +24,6 @@ import numpy as np
 import torch
 
 from engine.config import DataConfig, ModelConfig, PretrainConfig, TrainScaling, to_dict
-from engine.data.pool import pool_subset
-from engine.data.shards import read_shard
 from engine.data.unify import UNIFIED_CHANNELS, UNIFIED_SIZE
 from engine.nn.precision import autocast
 from engine.records.storage import Storage
@@ -93,15 +91,13 @@ def load_pool(data: DataConfig) -> torch.Tensor:
     """The server pool's normalised images (a seeded subsample when ``data.pool_size`` is set:
     :func:`~engine.data.pool.pool_subset`, stratified by source when the pool has several).
 
-    The pool shard is found (or built) on the node this runs on.
+    The pool shard is found (or built) on the node this runs on, by
+    :func:`engine.fl.client.read_pool`: the clients' pool scores read the same images in
+    the same order.
     """
-    from engine.fl.client import shard_builder
+    from engine.fl.client import read_pool
 
-    shard = read_shard(shard_builder(data).pool())
-    keep = pool_subset(shard.ids, data.pool_size, data.mednist_seed)
-    if len(keep) < len(shard):
-        shard = shard.subset(keep)
-    x, _ = shard.tensors()
+    x, _ = read_pool(data).tensors()
     return x
 
 

@@ -44,7 +44,8 @@ STEPS: dict[str, str] = {
     "finetune": "progress/baseline-fedavg-seed0.done",
     "lodo": "progress/eval-finetune.done",
 }
-DELAY_S = {"stage": 0.3, "baseline": 0.2, "finetune": 0.1}  # longest random delay after a marker (else 1.5 s)
+# longest random delay after a marker (else 1.5 s)
+DELAY_S = {"stage": 0.3, "baseline": 0.2, "finetune": 0.1}
 
 
 def _run_cli(run_dir: Path, cache: Path, data_root: Path) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,3 +34,15 @@ def data_root() -> Path:
 def shard_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One shard cache for the whole session, so real shards are built once."""
     return tmp_path_factory.mktemp("umim-cache")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread for a module of tiny models (many times faster than contended
+    threads on a small machine); restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

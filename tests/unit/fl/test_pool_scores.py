@@ -9,7 +9,6 @@ client's scores can be checked against the pool's CT / X-ray / MRI images.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,12 +35,7 @@ DOMAINS = ("ct-region", "mr-xr")
 FITRES_FIELDS = {"cid", "state", "num_examples", "metrics"}  # before pool scores
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @dataclass

@@ -3,8 +3,6 @@ weights, and the universal strategy's ``strategy.relevance`` option (no engine h
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -27,12 +25,7 @@ from strategies.universal import UniversalOptions, teachers_from
 B, K, F = 6, 3, 5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _batch(seed: int = 0) -> dict[str, object]:

@@ -491,13 +491,14 @@ def _cmd_strategies(args: argparse.Namespace) -> int:
         return 0
     table = Table(title="umim strategies (strategy.name; its options go beside it under "
                         "strategy:)", show_lines=True)
-    for col in ("strategy", "pooled", "distils", "options (default)", "description"):
+    flags = list(rows[0]["declares"]) if rows else []  # what every strategy declares
+    for col in ("strategy", *flags, "options (default)", "description"):
         table.add_column(col, overflow="fold")
     for row in rows:
         options = "\n".join(f"{k} = {json.dumps(v, default=str)}"
                             for k, v in row["options"].items()) or "-"
-        table.add_row(row["name"], "yes" if row["pooled"] else "no",
-                      "yes" if row["distils"] else "no", escape(options), escape(row["doc"]))
+        marks = ["yes" if row["declares"][flag] else "no" for flag in flags]
+        table.add_row(row["name"], *marks, escape(options), escape(row["doc"]))
     console = Console(width=max(Console().width, 120))
     console.print(table)
     console.print("every strategy also takes the common keys strategy.name and strategy.rounds")

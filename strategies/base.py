@@ -65,6 +65,8 @@ class Strategy(ABC):
     Options: ClassVar[type] = NoOptions
     pooled: ClassVar[bool] = False
     distils: ClassVar[bool] = False
+    DECLARATIONS: ClassVar[tuple[str, ...]] = ("pooled", "distils")
+    """The flags a strategy declares (what :meth:`describe` reports under ``declares``)."""
 
     def __init__(self, options: Any = None, context: StrategyContext | None = None) -> None:
         self.options = self.Options() if options is None else options
@@ -80,11 +82,13 @@ class Strategy(ABC):
     @classmethod
     def describe(cls) -> dict[str, Any]:
         """What the strategy declares, as plain data (``umim strategies`` prints it): its
-        name, one-line doc, ``pooled``, ``distils`` and its options with their defaults."""
+        name, one-line doc, ``declares`` (each flag of :attr:`DECLARATIONS`) and its options
+        with their defaults."""
         doc = ((cls.__doc__ or "").strip().splitlines() or [""])[0]
         options = {k: list(v) if isinstance(v, tuple) else v
                    for k, v in dataclasses.asdict(cls.Options()).items()}
-        return {"name": cls.name, "doc": doc, "pooled": cls.pooled, "distils": cls.distils,
+        return {"name": cls.name, "doc": doc,
+                "declares": {flag: bool(getattr(cls, flag)) for flag in cls.DECLARATIONS},
                 "options": options}
 
     @classmethod

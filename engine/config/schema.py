@@ -544,7 +544,9 @@ class EvaluationConfig:
         Strategies run on the same data and base for the comparison table, e.g.
         ``[fedavg, fedprox, local, centralised]``.
     baseline_rounds
-        Rounds of each baseline (``None``: derived from the main run's budget).
+        Rounds of each baseline (``None``: derived from the main run's budget; with
+        ``equal_budgets: false`` and no whole number of rounds matching it,
+        ``strategy.rounds``).
     baseline_seeds
         Seeds of each baseline within a single replicate (``None``: the replicate's seed).
     baseline_options

@@ -32,6 +32,15 @@ from engine.data import (
 )
 from engine.data.prepare import ShardRecipe
 from engine.data.shards import Shard, read_shard
+from engine.fl.probe import (
+    DEFAULT_K,
+    EVAL_MODES,
+    knn_loss,
+    knn_scores,
+    score_logits,
+    stratified_subset,
+    train_linear_head,
+)
 from engine.fl.relevance import PublicPool
 from engine.nn.metrics import auc_acc, scores_from_logits
 from engine.nn.models import MultiHeadNet, build_model
@@ -325,8 +334,6 @@ class Client:
         ValueError
             For an unknown ``mode``, a ``label_fraction`` outside ``(0, 1]`` or ``k < 1``.
         """
-        from engine.fl.probe import EVAL_MODES
-
         cfg = ins.config
         split = str(cfg.get("split", split))  # evaluation.split=val tunes without test
         if split not in SPLITS[1:]:
@@ -453,8 +460,6 @@ class Client:
     def _labelled(self, cfg: Mapping[str, Any]) -> dict[str, torch.Tensor | None]:
         """Per domain, the indices of the labelled train samples (``None``: all of them),
         from ``label_fraction`` and ``subset_seed`` (default: ``seed``, then the client's)."""
-        from engine.fl.probe import stratified_subset
-
         fraction = float(cfg.get("label_fraction", 1.0))
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"client {self.cid}: label_fraction must be in (0, 1], "
@@ -534,8 +539,6 @@ class Client:
         ``lr`` else ``train.lr``, :data:`engine.fl.probe.PROBE_WEIGHT_DECAY`), the epoch of
         the best val score kept per domain (for one domain: :meth:`_selection_score`'s rule),
         scored on ``split``."""
-        from engine.fl.probe import score_logits, train_linear_head
-
         cfg = ins.config
         epochs = int(cfg.get("epochs", self.train_cfg.local_epochs))
         lr = float(cfg.get("lr", self.train_cfg.lr))
@@ -564,8 +567,6 @@ class Client:
              labelled: Mapping[str, torch.Tensor | None]) -> EvaluateRes:
         """Frozen encoder, a weighted k-NN vote (``k``, default 11, clamped to the labelled
         samples) over the labelled train features, scored on ``split``."""
-        from engine.fl.probe import DEFAULT_K, knn_loss, knn_scores
-
         k = int(ins.config.get("k", DEFAULT_K))
         if k < 1:
             raise ValueError(f"client {self.cid}: k must be >= 1, got {k}")

@@ -24,10 +24,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from engine.config.schema import EVAL_MODES as CONFIG_EVAL_MODES
 from engine.nn.metrics import auc_acc, scores_from_logits
 from strategies.types import TaskType
 
-EVAL_MODES: tuple[str, ...] = ("finetune", "linear_probe", "knn")
+EVAL_MODES = CONFIG_EVAL_MODES  # the one list, where the config checks it
 """The values of a fine-tuning request's ``mode`` key (``finetune`` when absent)."""
 
 DEFAULT_K = 11

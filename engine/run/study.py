@@ -83,12 +83,12 @@ class Replicate:
     cfg: ExperimentConfig
     storage: Storage
     base: State
-    single: bool
+    count: int
     teachers: list[Teacher] | None = None
 
     def step(self, name: str) -> str:
-        """The progress step ``name`` of this replicate."""
-        return replicate_step(name, self.index, 1 if self.single else 2)
+        """The progress step ``name`` of this replicate (of ``count``)."""
+        return replicate_step(name, self.index, self.count)
 
 
 class Study:
@@ -127,10 +127,10 @@ class Study:
     def replicates(self, session: Session) -> list[Replicate]:
         """Every replicate of the study, in order."""
         seeds = replicate_seeds(self.cfg)
-        single = len(seeds) == 1
         return [Replicate(r, seed, replace(self.cfg, seed=seed),
-                          self.storage if single else Storage(f"{self.storage.uri}/replicates/{r}"),
-                          session.base_for(seed), single)
+                          self.storage if len(seeds) == 1
+                          else Storage(f"{self.storage.uri}/replicates/{r}"),
+                          session.base_for(seed), len(seeds))
                 for r, seed in enumerate(seeds)]
 
     def execute(self, session: Session) -> RunResult:

@@ -350,8 +350,8 @@ def test_strategies_lists_options_and_needs(capsys: pytest.CaptureFixture[str]) 
     assert main(["strategies", "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     assert rows["fedprox"]["options"] == {"proximal_mu": 0.01}
-    assert rows["universal"]["distils"] and not rows["universal"]["pooled"]
-    assert rows["centralised"]["pooled"] and rows["fedavg"]["options"] == {}
+    assert rows["universal"]["declares"] == {"pooled": False, "distils": True}
+    assert rows["centralised"]["declares"]["pooled"] and rows["fedavg"]["options"] == {}
     assert rows["universal"]["options"]["local_epochs"] is None
     assert rows["fedavg"]["doc"].startswith("Federated averaging")
 

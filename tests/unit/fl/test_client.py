@@ -1,28 +1,14 @@
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from engine.config import ModelConfig, TrainConfig
-from engine.data import ShardBuilder, domain_catalog
 from engine.fl.client import Client, ClientSpec
 from strategies import EvaluateIns, FitIns, nonfinite_keys
 
 TINY = ModelConfig(hidden_size=32, mlp_dim=64, num_layers=1, num_heads=2)
 
-
-@pytest.fixture(scope="module")
-def specs(data_root: Path, shard_cache: Path) -> dict[str, ClientSpec]:
-    builder = ShardBuilder(domain_catalog(), data_root, shard_cache, download=False)
-    out = {}
-    for domain in ("breast", "pathology"):
-        paths = {s: str(p) for s, p in builder.domain(domain).items()}
-        out[domain] = ClientSpec(domain, {domain: paths})
-    out["pooled"] = ClientSpec("pooled", {d: dict(out[d].shards[d]) for d in ("breast",
-                                                                              "pathology")})
-    return out
 
 
 def _client(spec: ClientSpec, **train: object) -> Client:

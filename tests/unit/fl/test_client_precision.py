@@ -5,24 +5,16 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 from engine.config import ModelConfig, TrainConfig
-from engine.data import ShardBuilder, domain_catalog
 from engine.fl.client import Client, ClientSpec
 from strategies import EvaluateIns, FitIns, nonfinite_keys
 
 TINY = ModelConfig(arch="vit", hidden_size=16, mlp_dim=32, num_layers=1, num_heads=2)
 
-
-@pytest.fixture(scope="module")
-def spec(data_root: Path, shard_cache: Path) -> ClientSpec:
-    builder = ShardBuilder(domain_catalog(), data_root, shard_cache, download=False)
-    return ClientSpec("breast", {"breast": {s: str(p) for s, p in
-                                            builder.domain("breast").items()}})
 
 
 def _client(spec: ClientSpec, precision: str, model: ModelConfig = TINY, n: int = 64

@@ -5,13 +5,11 @@ fit call, clipping bounds the global gradient norm."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 from engine.config import ConfigError, ExperimentConfig, ModelConfig, TrainConfig, from_dict
-from engine.data import ShardBuilder, domain_catalog
 from engine.fl.client import Client, ClientSpec, derive_seed
 from strategies import FitIns, nonfinite_keys
 from strategies.types import State
@@ -19,12 +17,6 @@ from strategies.types import State
 TINY = ModelConfig(arch="vit", hidden_size=16, mlp_dim=32, num_layers=1, num_heads=2)
 N, BATCH = 48, 16  # 3 optimisation steps per epoch
 
-
-@pytest.fixture(scope="module")
-def spec(data_root: Path, shard_cache: Path) -> ClientSpec:
-    builder = ShardBuilder(domain_catalog(), data_root, shard_cache, download=False)
-    return ClientSpec("breast", {"breast": {s: str(p) for s, p in
-                                            builder.domain("breast").items()}})
 
 
 def _client(spec: ClientSpec, **train: object) -> Client:

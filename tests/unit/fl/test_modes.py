@@ -5,13 +5,11 @@ probe and k-NN on frozen features, and few-shot label fractions; plus the pure p
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 from engine.config import ModelConfig, TrainConfig
-from engine.data import ShardBuilder, domain_catalog
 from engine.fl.client import Client, ClientSpec, derive_seed
 from engine.fl.probe import (
     EVAL_MODES,
@@ -26,15 +24,6 @@ from strategies import EvaluateIns, FitIns
 TINY = ModelConfig(hidden_size=32, mlp_dim=64, num_layers=1, num_heads=2)
 KEYS = {"auc", "acc", "loss"}
 
-
-@pytest.fixture(scope="module")
-def specs(data_root: Path, shard_cache: Path) -> dict[str, ClientSpec]:
-    builder = ShardBuilder(domain_catalog(), data_root, shard_cache, download=False)
-    out = {}
-    for domain in ("breast", "pathology"):
-        paths = {s: str(p) for s, p in builder.domain(domain).items()}
-        out[domain] = ClientSpec(domain, {domain: paths})
-    return out
 
 
 def _client(spec: ClientSpec, n_train: int = 96, **train: object) -> Client:

@@ -55,7 +55,8 @@ def test_strategy_contract(name: str) -> None:
     options = cls.Options()  # every option has a default
     facts = cls.describe()  # what `umim strategies` prints, as plain data
     assert json.loads(json.dumps(facts)) == facts
-    assert (facts["name"], facts["pooled"], facts["distils"]) == (name, cls.pooled, cls.distils)
+    assert facts["name"] == name
+    assert facts["declares"] == {"pooled": cls.pooled, "distils": cls.distils}
     assert list(facts["options"]) == [f.name for f in dataclasses.fields(cls.Options)]
     rounds = cls.planned_rounds(options, DOMAINS, 3)
     assert isinstance(rounds, int) and rounds >= 1

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from synthetic_requests import synthetic_request
 
 import engine.train.distill as distill
 from engine.config import ModelConfig, TrainConfig, load_config
@@ -147,23 +148,7 @@ def test_retention_keeps_the_stage1_domain_head(world: World, stage1: dict[str, 
 
 # -- the levers: defaults unchanged ---------------------------------------------------------
 def _synthetic_request(**changes: Any) -> DistillRequest:
-    """Random teachers of two domains and a previous model with a third, retained head
-    (every term of the objective is on, confidence weighting too)."""
-    teachers = []
-    for i, (domain, task, k) in enumerate((("a", "multi-class", 3), ("a", "multi-class", 3),
-                                           ("b", "binary", 2))):
-        torch.manual_seed(i + 1)
-        net = build_model(TINY, {domain: k})
-        teachers.append(Teacher(cid=f"c{i}", domain=domain, task=task, num_classes=k,
-                                state=dict(net.state_dict()), weight=float(i + 1)))
-    torch.manual_seed(9)
-    previous = dict(build_model(TINY, {"a": 3, "b": 2, "c": 4}).state_dict())
-    settings = DistillSettings(**{**dict(steps=8, batch_size=16, eval_every=4, patience=5,
-                                         holdout_fraction=0.2, weighting="confidence",
-                                         beta=0.5, gamma=1.0), **changes})
-    return DistillRequest(student=dict(previous), teachers=teachers, previous=previous,
-                          heads={"a": ("multi-class", 3), "b": ("binary", 2),
-                                 "c": ("multi-label", 4)}, settings=settings, seed=7)
+    return synthetic_request(steps=8, eval_every=4, **changes)
 
 
 def _pool() -> torch.Tensor:

@@ -10,12 +10,13 @@ from typing import Any
 
 import pytest
 import torch
+from synthetic_requests import synthetic_request
 
 import engine.train.distill as distill
 from engine.config import ModelConfig
 from engine.nn.models import build_model
 from engine.train.distill import DistillError, DistillJob
-from strategies.distill import DistillRequest, DistillSettings, Teacher, tempered_probs
+from strategies.distill import DistillRequest, tempered_probs
 from strategies.types import State
 
 TINY = ModelConfig(hidden_size=32, mlp_dim=64, num_layers=1, num_heads=2)
@@ -44,21 +45,7 @@ def _net_state(domain: str, k: int, seed: int) -> State:
 def _request(weights: dict[str, torch.Tensor | None] | None = None, **changes: Any
              ) -> DistillRequest:
     """Two teachers of domain ``a`` (c0, c1) and one of ``b`` (c2), a retained head ``c``."""
-    weights = weights or {}
-    teachers = [Teacher(cid=f"c{i}", domain=d, task=task, num_classes=k,
-                        state=_net_state(d, k, i + 1), weight=float(i + 1),
-                        sample_weights=weights.get(f"c{i}"))
-                for i, (d, task, k) in enumerate((("a", "multi-class", 3),
-                                                  ("a", "multi-class", 3),
-                                                  ("b", "binary", 2)))]
-    torch.manual_seed(9)
-    previous = dict(build_model(TINY, {"a": 3, "b": 2, "c": 4}).state_dict())
-    settings = DistillSettings(**{**dict(steps=6, batch_size=16, eval_every=3, patience=5,
-                                         holdout_fraction=0.2, weighting="confidence",
-                                         beta=0.5, gamma=1.0), **changes})
-    return DistillRequest(student=dict(previous), teachers=teachers, previous=previous,
-                          heads={"a": ("multi-class", 3), "b": ("binary", 2),
-                                 "c": ("multi-label", 4)}, settings=settings, seed=7)
+    return synthetic_request(steps=6, eval_every=3, sample_weights=weights, **changes)
 
 
 def _final(request: DistillRequest) -> State:

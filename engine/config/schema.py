@@ -634,6 +634,27 @@ class EvaluationConfig:
 
 
 @dataclass(frozen=True)
+class DPConfig:
+    """Differential privacy of client training (DP-SGD with Opacus).
+
+    Off by default; its fields are filled by the DP work (issue 13).
+    """
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """What leaves a client, and under which guarantee.
+
+    ``transfer``: ``weights`` (the client returns its fine-tuned model; the paper's setting)
+    or ``predictions`` (the teacher stays home: the client returns its outputs on the public
+    pool only). ``dp``: DP-SGD for client training (:class:`DPConfig`).
+    """
+
+    transfer: Literal["weights", "predictions"] = "weights"
+    dp: DPConfig = field(default_factory=DPConfig)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Where results go and how the run is checkpointed.
 
@@ -677,6 +698,7 @@ class ExperimentConfig:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self) -> None:

@@ -12,6 +12,11 @@ The public Python API, re-exported from the engine (``engine``) and the strategi
     result.summary["claim"]             # universal+ft vs the MIM base, paired test
     umim.resume("runs/quick")           # after a crash
 
+    sweep = umim.sweep("experiments/sweeps/ci.yaml", out="runs/sweeps/ci")
+    sweep.get_dataframe()               # Ray Tune's ResultGrid (sweep.grid), one row a trial
+    sweep.summary["best_params"]        # the best completed trial's values
+    sweep.load_study()                  # the live Optuna study (sweeps/<name>/optuna.db)
+
 Doors for your own code (each reaches every process the engine starts):
 
 * ``umim.register_encoder(name, factory, options=...)`` or ``model.arch: pkg.mod:factory``;

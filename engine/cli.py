@@ -344,7 +344,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from engine.run.study import run
 
     result = _call(run, cfg, out=args.out, data_root=args.data_root, cache_dir=args.cache_dir,
-                   quiet=args.quiet)
+                   quiet=args.quiet, config_file=args.config)
     _print_summary(result.run_dir, result.summary)
     return 0
 
@@ -366,11 +366,12 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         _require_run_dir(args.resume, "sweep.yaml", "a umim sweep directory")
     from engine.tune import sweep
 
-    summary = _call(sweep, args.sweep_file, args.overrides, out=args.out, resume=args.resume,
-                    data_root=args.data_root, cache_dir=args.cache_dir, address=args.address,
-                    quiet=args.quiet, env=("address", "cache_dir"))
+    result = _call(sweep, args.sweep_file, args.overrides, out=args.out, resume=args.resume,
+                   data_root=args.data_root, cache_dir=args.cache_dir, address=args.address,
+                   quiet=args.quiet, env=("address", "cache_dir"))
     console = Console(width=max(Console().width, 100))
-    console.print_json(json.dumps(summary, default=str))
+    console.print_json(json.dumps(result.summary, default=str))
+    console.print(f"Optuna study: optuna-dashboard {escape(result.study_url)}", soft_wrap=True)
     return 0
 
 
@@ -473,6 +474,28 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from engine.records.report import write_report
 
     print(write_report(args.run_dir))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    _require_run_dir(args.run_dir)
+    from engine.run.export import export_model
+
+    print(export_model(args.run_dir, args.out, fmt=args.format, data_root=args.data_root,
+                       cache_dir=args.cache_dir))
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from engine.run.export import ExportedModel, prediction_rows
+
+    rows = prediction_rows(ExportedModel(args.model), args.images, args.domain)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        probs = ", ".join(f"{name}: {p:.4f}" for name, p in row["probabilities"].items())
+        print(f"{row['file']}\t{row['label']}\t{probs}")
     return 0
 
 
@@ -664,6 +687,27 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir", help="the run directory (holds config.yaml)")
     report.set_defaults(func=_cmd_report)
 
+    export = command(commands, "export", "write a finished run's global model with its "
+                                         "metadata (domains, labels, normalisation, config)")
+    export.add_argument("run_dir", help="the run directory (holds config.yaml)")
+    export.add_argument("--format", default="safetensors", choices=["safetensors",
+                                                                    "torchscript"],
+                        help="safetensors (weights + metadata header; default) or "
+                             "torchscript (forward(images, domain), needs only torch)")
+    export.add_argument("--out", default=None, metavar="PATH",
+                        help="the file to write (default <run_dir>/export/model.safetensors "
+                             "or model.pt)")
+    _add_data_args(export)
+    export.set_defaults(func=_cmd_export)
+
+    predict = command(commands, "predict", "class probabilities of image files from an "
+                                           "exported model")
+    predict.add_argument("model", help="a file written by `umim export`")
+    predict.add_argument("images", nargs="+", help="PNG / JPEG images or .npy arrays")
+    predict.add_argument("--domain", required=True, help="the domain head to use")
+    predict.add_argument("--json", action="store_true", help="print JSON, one row per image")
+    predict.set_defaults(func=_cmd_predict)
+
     strategies = command(commands, "strategies",
                          "list the registered strategies and their options")
     strategies.add_argument("--json", action="store_true", help="print JSON")
@@ -708,7 +752,8 @@ def _expected(err: Exception) -> str | None:
              ("engine.data.errors", "DataError", "data error"),
              ("engine.cluster.resources", "ResourceError", "resource error"),
              ("engine.fl.simulation", "RunError", "run error"),
-             ("engine.records.lock", "RunLockError", "run error")]
+             ("engine.records.lock", "RunLockError", "run error"),
+             ("engine.run.export", "ExportError", "export error")]
     for module, name, label in kinds:
         cls = getattr(sys.modules.get(module), name, None)
         if isinstance(cls, type) and isinstance(err, cls):

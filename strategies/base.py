@@ -28,10 +28,14 @@ class StrategyContext:
         The run seed.
     distill
         The experiment's distillation objective (``distill.*``), for strategies that distil.
+    transfer
+        What a client may return (``privacy.transfer``): ``weights`` or ``predictions``
+        (its outputs on the public pool only; for strategies that declare ``predicts``).
     """
 
     seed: int = 0
     distill: DistillSettings = field(default_factory=DistillSettings)
+    transfer: str = "weights"
 
 
 class Strategy(ABC):
@@ -54,6 +58,10 @@ class Strategy(ABC):
     * ``distils``: it distils on the server, so the engine binds a
       :class:`~strategies.distill.DistillService` to :attr:`distiller` (a Ray Train job)
       before the first round;
+    * ``predicts``: it can learn from the clients' outputs on the public pool instead of
+      their weights (``privacy.transfer: predictions``; :meth:`check_transfer`);
+    * ``heterogeneous``: it honours a client's declared encoder family
+      (:attr:`~strategies.types.ClientInfo.arch`, ``model.domain_arch``);
     * :meth:`planned_rounds`: how many rounds a run of it has, known before it starts
       (for checkpoints, progress and a sweep scheduler's horizon);
     * :meth:`client_epochs`: its training budget, the epochs each client trains over the
@@ -65,7 +73,10 @@ class Strategy(ABC):
     Options: ClassVar[type] = NoOptions
     pooled: ClassVar[bool] = False
     distils: ClassVar[bool] = False
-    DECLARATIONS: ClassVar[tuple[str, ...]] = ("pooled", "distils")
+    predicts: ClassVar[bool] = False
+    heterogeneous: ClassVar[bool] = False
+    DECLARATIONS: ClassVar[tuple[str, ...]] = ("pooled", "distils", "predicts",
+                                               "heterogeneous")
     """The flags a strategy declares (what :meth:`describe` reports under ``declares``)."""
 
     def __init__(self, options: Any = None, context: StrategyContext | None = None) -> None:
@@ -74,6 +85,7 @@ class Strategy(ABC):
             raise TypeError(f"strategy {self.name!r} takes {self.Options.__name__} options, "
                             f"got {type(self.options).__name__}")
         self.context = context or StrategyContext()
+        self.check_transfer(self.options, self.context.transfer)  # the config checked it too
         self.distiller: DistillService | None = None
         self.clients: dict[str, ClientInfo] = {}
         self.encoder: State = {}
@@ -90,6 +102,19 @@ class Strategy(ABC):
         return {"name": cls.name, "doc": doc,
                 "declares": {flag: bool(getattr(cls, flag)) for flag in cls.DECLARATIONS},
                 "options": options}
+
+    @classmethod
+    def check_transfer(cls, options: Any, transfer: str, *, heterogeneous: bool = False
+                       ) -> None:
+        """Raise ``ValueError`` (one line) when the strategy cannot run with these options
+        under ``privacy.transfer`` = ``transfer``, or, with ``heterogeneous``, with clients
+        of several encoder families (``model.domain_arch``); checked when the config loads."""
+        if transfer == "predictions" and not cls.predicts:
+            raise ValueError(f"strategy {cls.name!r} needs the clients' weights; it cannot "
+                             "run with privacy.transfer=predictions")
+        if heterogeneous and not cls.heterogeneous:
+            raise ValueError(f"strategy {cls.name!r} trains one encoder family at every "
+                             "client; it cannot run with model.domain_arch")
 
     @classmethod
     def planned_rounds(cls, options: Any, domains: Sequence[str], rounds: int) -> int:

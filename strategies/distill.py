@@ -7,8 +7,13 @@ For a batch of unlabelled pool images, with student heads ``s_d``, teacher logit
     L = sum_d w_d * T^2 * KL(softmax(t_d / T) || softmax(s_d / T))
       + beta  * mean_d (1 - cos(P_d(f_student), f_teacher_d))      # feature matching
       + gamma * sum_p T^2 * KL(softmax(g_p / T) || softmax(s_p / T)) / |p|   # retention
+      + mae_weight * MAE(student encoder, pool batch)                          # MIM kept
 
-where ``g_p`` are the previous global model's heads for the domains not taught this time.
+where ``g_p`` are the previous global model's heads for the domains not taught this time,
+and ``MAE`` is the masked-autoencoder loss of the MIM base's objective (masked-patch MSE of
+normalised pixels) computed by the engine with the student's encoder and the base's decoder
+(``distill.mae_weight``, off by default), so the encoder keeps what MIM gave it.
+
 Multi-label heads use a per-label binary KL of sigmoids instead of the softmax KL. With
 function matching on (``augment``, ``mixup_alpha``), the batch is a random view of pool
 images, the same one for the student, the teachers and the previous global model.
@@ -46,7 +51,7 @@ from typing import Any, Literal, Protocol
 import torch
 import torch.nn.functional as F
 
-from strategies.types import State, TaskType
+from strategies.types import PoolOutputs, State, TaskType
 
 Weighting = Literal["uniform", "confidence"]
 
@@ -145,7 +150,7 @@ def agreement(student: torch.Tensor, teacher: torch.Tensor, task: TaskType) -> t
     return (student.argmax(dim=1) == teacher.argmax(dim=1)).float().mean()
 
 
-LOSS_TERMS: tuple[str, ...] = ("kd", "feature", "retention")
+LOSS_TERMS: tuple[str, ...] = ("kd", "feature", "retention", "mae")
 """The terms of the objective by name, in order; ``loss`` is their weighted sum. Curves,
 Train reports and plots are built from these names, so a new term is added here only."""
 
@@ -155,7 +160,8 @@ LOSS_NAMES: tuple[str, ...] = (*LOSS_TERMS, "loss")
 
 def term_weights(settings: DistillSettings) -> dict[str, float]:
     """The weight of each term of :data:`LOSS_TERMS` in the loss."""
-    return {"kd": 1.0, "feature": settings.beta, "retention": settings.gamma}
+    return {"kd": 1.0, "feature": settings.beta, "retention": settings.gamma,
+            "mae": settings.mae_weight}
 
 
 def distillation_loss(logits: Mapping[str, torch.Tensor], projected: Mapping[str, torch.Tensor],
@@ -163,8 +169,8 @@ def distillation_loss(logits: Mapping[str, torch.Tensor], projected: Mapping[str
                       teacher_features: Mapping[str, torch.Tensor],
                       previous_probs: Mapping[str, torch.Tensor], weights: torch.Tensor,
                       tasks: Mapping[str, TaskType], settings: DistillSettings,
-                      sample_weights: Mapping[str, torch.Tensor] | None = None
-                      ) -> dict[str, torch.Tensor]:
+                      sample_weights: Mapping[str, torch.Tensor] | None = None,
+                      mae: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The objective on one batch, term by term (see the module docstring).
 
     Parameters
@@ -186,6 +192,9 @@ def distillation_loss(logits: Mapping[str, torch.Tensor], projected: Mapping[str
         Per taught domain, its relevance ``rho_d`` ``(B,)`` on the batch's images (see the
         module docstring); a domain not in it (and ``None``, the default) weighs every
         image 1. It scales the domain's KD and feature-matching terms per image.
+    mae
+        The masked-autoencoder loss of the student's encoder on the batch (computed by the
+        trainer, weighted by ``settings.mae_weight``); ``None`` (the default): 0.
 
     Returns
     -------
@@ -210,9 +219,11 @@ def distillation_loss(logits: Mapping[str, torch.Tensor], projected: Mapping[str
     zero = next(iter(logits.values())).new_zeros((), dtype=torch.float32)
     retention = (sum(kd_per_sample(logits[d], previous_probs[d], t, tasks[d]).mean()
                      for d in retained) / len(retained) if retained else zero)
-    terms: dict[str, torch.Tensor] = {"kd": kd, "feature": feature, "retention": retention}
+    terms: dict[str, torch.Tensor] = {"kd": kd, "feature": feature, "retention": retention,
+                                      "mae": zero if mae is None else mae.float()}
     terms["loss"] = sum(w * terms[name] if w != 1.0 else terms[name]
-                        for name, w in term_weights(settings).items())
+                        for name, w in term_weights(settings).items()
+                        if w != 0.0 or name != "mae")
     return terms
 
 
@@ -236,6 +247,10 @@ class DistillSettings:
     the student sees, so their outputs are computed per batch. Both off (the defaults): the
     teachers' outputs are computed once per pool image, as without the levers. The held-out
     stopping signal is always measured on the plain pool images.
+
+    ``mae_weight`` keeps the MIM objective during distillation: the student's encoder also
+    reconstructs masked patches of each batch (the base's mask ratio) through the MIM base's
+    decoder, which trains with it; 0 (the default) leaves the objective as it was.
     """
 
     temperature: float = 4.0
@@ -251,6 +266,7 @@ class DistillSettings:
     holdout_fraction: float = 0.1
     augment: bool = False
     mixup_alpha: float = 0.0
+    mae_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.temperature <= 0 or self.beta < 0 or self.gamma < 0:
@@ -264,6 +280,9 @@ class DistillSettings:
         if not (math.isfinite(self.mixup_alpha) and self.mixup_alpha >= 0):
             raise ValueError(f"distill.mixup_alpha must be a finite number >= 0 (0: no mixup), "
                              f"got {self.mixup_alpha}")
+        if not (math.isfinite(self.mae_weight) and self.mae_weight >= 0):
+            raise ValueError(f"distill.mae_weight must be a finite number >= 0 (0: no MAE "
+                             f"term), got {self.mae_weight}")
 
     @property
     def per_batch_targets(self) -> bool:
@@ -274,7 +293,8 @@ class DistillSettings:
 
 @dataclass(frozen=True)
 class Teacher:
-    """One client's fine-tuned model, as weights: encoder and the head of ``domain``.
+    """One client's fine-tuned model, as weights (encoder and the head of ``domain``) or, in
+    ``privacy.transfer: predictions``, as its outputs on the pool (the model stays home).
 
     Attributes
     ----------
@@ -289,6 +309,13 @@ class Teacher:
         order the distillation reads it, not all zero (the client's pool scores); the
         objective weights this teacher's targets per image by them, normalised to mean 1
         (see the module docstring). ``None`` (the default): every image weighs 1.
+    outputs
+        The teacher's outputs on the pool, in the order the distillation reads it (features
+        and at least ``domain``'s logits), instead of weights: ``state`` is then empty and
+        the trainer uses these rows as the teacher's targets, running no teacher network.
+    arch
+        The encoder family of ``state`` when it is not the global model's (the client's
+        declared :attr:`~strategies.types.ClientInfo.arch`); ``None``: the global model's.
     """
 
     cid: str
@@ -298,8 +325,19 @@ class Teacher:
     state: State
     weight: float = 1.0
     sample_weights: torch.Tensor | None = None
+    outputs: PoolOutputs | None = None
+    arch: str | None = None
 
     def __post_init__(self) -> None:
+        if self.outputs is not None:
+            where = f"teacher {self.cid}/{self.domain}"
+            if self.state:
+                raise ValueError(f"{where}: carries both weights and pool outputs")
+            logits = self.outputs.logits.get(self.domain)
+            if logits is None or logits.shape[1] != self.num_classes:
+                got = None if logits is None else tuple(logits.shape)
+                raise ValueError(f"{where}: pool outputs need ({len(self.outputs)}, "
+                                 f"{self.num_classes}) logits of its domain, got {got}")
         w = self.sample_weights
         if w is None:
             return

@@ -9,6 +9,12 @@ Per round of stage ``s`` (domains join in stages):
 3. **Transfer**: it returns the fine-tuned weights (the teacher); nothing else, unless
    ``strategy.relevance`` asks each client for one score per public pool image (how much
    it looks like the client's own data), which its teachers then carry as sample weights.
+   With ``privacy.transfer: predictions`` the teacher stays home: the client returns its
+   outputs on the public pool instead (features and every domain head's logits, one pass),
+   and the distillation trains on those rows.
+   A client that declares its own encoder family (``model.domain_arch``) trains a fresh
+   model of that family instead of the global encoder; its teacher is built in that family
+   (weights) or only its outputs are used (predictions).
 4. **Distil**: the server's distiller (Ray Train, provided by the engine) trains the global
    student, one shared encoder and one head per domain, on the unlabelled pool against the
    teachers, with feature matching and retention of the previous global model.
@@ -29,9 +35,11 @@ from strategies.types import ClientInfo, FitIns, FitRes, State
 
 def teachers_from(results: Mapping[str, FitRes], infos: Mapping[str, ClientInfo], *,
                   relevance: bool = False) -> list[Teacher]:
-    """One teacher per client and domain: the client's encoder and that domain's head,
-    weighted by the client's number of training examples; with ``relevance``, carrying the
-    client's pool scores as its ``sample_weights``.
+    """One teacher per client and domain: the client's encoder and that domain's head (in
+    the client's declared encoder family), or, for a result with ``pool_outputs``
+    (``privacy.transfer: predictions``), its outputs on the pool; weighted by the client's
+    number of training examples; with ``relevance``, carrying the client's pool scores as
+    its ``sample_weights``.
 
     Raises
     ------
@@ -46,17 +54,30 @@ def teachers_from(results: Mapping[str, FitRes], infos: Mapping[str, ClientInfo]
             raise ValueError(f"client {cid} returned no pool scores, which "
                              "strategy.relevance=true asks every client for")
         for domain in info.domains:
+            weights = ({} if res.pool_outputs is not None
+                       else {**encoder_of(state), **head_of(state, domain)})
             teachers.append(Teacher(cid=cid, domain=domain, task=info.tasks[domain],
-                                    num_classes=info.num_classes[domain],
-                                    state={**encoder_of(state), **head_of(state, domain)},
+                                    num_classes=info.num_classes[domain], state=weights,
                                     weight=float(res.num_examples),
-                                    sample_weights=res.pool_scores if relevance else None))
+                                    sample_weights=res.pool_scores if relevance else None,
+                                    outputs=res.pool_outputs, arch=info.arch))
     return teachers
 
 
 def merged_encoder(teachers: Sequence[Teacher]) -> State:
     """The weight average of the teachers' encoders (one per client, weighted by its
-    training examples): a one-shot FedAvg of the round, used as a student's start."""
+    training examples): a one-shot FedAvg of the round, used as a student's start.
+
+    Raises
+    ------
+    ValueError
+        For teachers given as pool outputs or of another encoder family (nothing to
+        average into the global encoder).
+    """
+    foreign = sorted({t.cid for t in teachers if t.outputs is not None or t.arch is not None})
+    if foreign:
+        raise ValueError(f"strategy.student_init=merged: teachers {foreign} carry no weights "
+                         "of the global encoder's family to average")
     by_client = {t.cid: t for t in teachers}
     parts = [by_client[c] for c in sorted(by_client)]
     return weighted_average([encoder_of(t.state) for t in parts], [t.weight for t in parts])
@@ -96,7 +117,9 @@ class UniversalOptions:
         Where each distillation's student starts: ``previous`` (the current global model;
         the MIM base in round 1) or ``merged`` (the weight average of the round's teacher
         encoders, weighted by their training examples, with the current global heads);
-        retention always pulls towards the previous global model.
+        retention always pulls towards the previous global model. ``merged`` needs the
+        teachers' weights in the global encoder's family: refused with
+        ``privacy.transfer: predictions`` and with ``model.domain_arch``.
     relevance
         Per-sample relevance weighting (FedAUX-style): every client also returns one score
         per public pool image (``score_pool`` in its fit config; a discriminator of its own
@@ -138,6 +161,8 @@ class Universal(Strategy):
     name: ClassVar[str] = "universal"
     Options: ClassVar[type] = UniversalOptions
     distils: ClassVar[bool] = True
+    predicts: ClassVar[bool] = True
+    heterogeneous: ClassVar[bool] = True
 
     def __init__(self, options: UniversalOptions | None = None,
                  context: StrategyContext | None = None) -> None:
@@ -158,6 +183,23 @@ class Universal(Strategy):
     def planned_rounds(cls, options: Any, domains: Sequence[str], rounds: int) -> int:
         return len(plan_stages(domains, options.stages, options.num_stages)) \
             * options.rounds_per_stage
+
+    @classmethod
+    def check_transfer(cls, options: Any, transfer: str, *, heterogeneous: bool = False
+                       ) -> None:
+        super().check_transfer(options, transfer, heterogeneous=heterogeneous)
+        if options.student_init == "merged" and transfer == "predictions":
+            raise ValueError("strategy.student_init=merged averages the teachers' weights, "
+                             "which privacy.transfer=predictions keeps at the clients; use "
+                             "'previous'")
+        if options.student_init == "merged" and heterogeneous:
+            raise ValueError("strategy.student_init=merged averages the teachers' encoders, "
+                             "which model.domain_arch makes of several families; use "
+                             "'previous'")
+        if heterogeneous and options.rounds_per_stage > 1:
+            raise ValueError("strategy.rounds_per_stage > 1 with model.domain_arch: a client "
+                             "of its own encoder family keeps no model between rounds (it "
+                             "trains a fresh one each round); use rounds_per_stage=1")
 
     @classmethod
     def client_epochs(cls, options: Any, domains: Sequence[str], rounds: int,
@@ -183,10 +225,16 @@ class Universal(Strategy):
         stage = set(self.stages[self.stage_of(server_round)])
         active = [c for c in cids if set(self.clients[c].domains) <= stage]
         out = super().configure_fit(server_round, active)
-        for ins in out.values():
+        predictions = self.context.transfer == "predictions"
+        for cid, ins in out.items():
             ins.config = {"select_on_val": self.select_on_val,
                           **({"epochs": self.local_epochs} if self.local_epochs else {}),
-                          **({"score_pool": True} if self.options.relevance else {})}
+                          **({"score_pool": True} if self.options.relevance else {}),
+                          **({"pool_outputs": True} if predictions else {})}
+            arch = self.clients[cid].arch
+            if arch is not None:  # its own family: a fresh model, nothing of the global one
+                ins.state, ins.fresh_heads = {}, tuple(self.clients[cid].domains)
+                ins.config["arch"] = arch
         return out
 
     def aggregate_fit(self, server_round: int, results: Mapping[str, FitRes],

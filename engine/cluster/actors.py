@@ -59,6 +59,12 @@ class ClientHost:
         ins.state = {**shared, **ins.state}
         return self.clients[cid].finetune(ins)
 
+    def audit(self, cid: str, shared: State, ins: FitIns) -> EvaluateRes:
+        """Membership-inference audit of the received model at client ``cid`` (the
+        attack's scalars only; :meth:`engine.fl.client.Client.audit`)."""
+        ins.state = {**shared, **ins.state}
+        return self.clients[cid].audit(ins)
+
     def ping(self) -> bool:
         """Liveness check (answers once the actor has loaded its clients)."""
         return True

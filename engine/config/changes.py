@@ -22,6 +22,9 @@ PLACEMENT_KEYS = frozenset({
 APPENDABLE = frozenset({"evaluation.baselines", "evaluation.baseline_seeds",
                         "evaluation.lodo_domains"})
 """Lists whose new items only add steps."""
+STEP_SWITCHES = frozenset({"evaluation.privacy_audit"})
+"""Switches that only add (or leave out) a step after every other: free to change (turned
+on after the main run, the audit has no kept teachers to attack and says so)."""
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -52,7 +55,7 @@ def classify_changes(changes: Mapping[str, tuple[Any, Any]], done_steps: Collect
     refused: dict[str, str] = {}
     later = [s for s in done_steps if s != "main"]
     for key, (old, new) in changes.items():
-        if key.startswith(PLACEMENT_PREFIXES) or key in PLACEMENT_KEYS:
+        if key.startswith(PLACEMENT_PREFIXES) or key in PLACEMENT_KEYS | STEP_SWITCHES:
             allowed[key] = (old, new)
         elif key in APPENDABLE:
             old_list, new_list = list(old or []), list(new or [])

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from engine.config.loader import ConfigError, from_dict, to_dict
 from engine.data.catalog import MISSION_DOMAINS, domain_catalog
+from engine.nn.augment import parse_augment
 from engine.nn.models import resolve_encoder
 from strategies.distill import DistillSettings
 from strategies.factory import resolve_strategy
@@ -32,6 +33,12 @@ def _non_negative(section: str, **values: float | int | None) -> None:
     bad = [k for k, v in values.items() if v is not None and v < 0]
     if bad:
         raise ValueError(", ".join(f"{section}.{k} must be >= 0" for k in bad))
+
+
+def _build_augment(cls: type, options: Mapping[str, Any], where: str) -> Any:
+    """An augmentation's options from its YAML keys (unknown keys and bad values raise a
+    one-line ``ConfigError`` naming ``where``)."""
+    return from_dict(cls, options, where)
 
 
 POOL_SOURCES = frozenset({"mednist"})
@@ -164,6 +171,15 @@ class ModelConfig:
     ``umim.register_encoder``, an import path ``package.module:factory`` or an entry point
     of ``umim.encoders``. ``options`` are the encoder's own options (validated against the
     options dataclass it declares). The sizes below are the ViT's.
+
+    ``domain_arch`` maps a domain to the encoder family its clients train their teachers in
+    when a hospital keeps its own (e.g. ``{pathology: resnet18}``; names as for ``arch``,
+    checked against the registry, with that encoder's default options and the sizes below);
+    for a strategy that declares ``heterogeneous`` (``universal``) such a client trains a
+    fresh model of its family each round instead of the global encoder, and the server
+    builds its teacher in that family (``privacy.transfer: weights``) or uses only its
+    outputs on the pool (``predictions``). The global model, every evaluation of it and
+    every other strategy keep ``arch``. Empty (the default): every client trains ``arch``.
     """
 
     arch: str = "vit"
@@ -174,6 +190,7 @@ class ModelConfig:
     num_layers: int = 6
     num_heads: int = 6
     dropout: float = 0.0
+    domain_arch: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
     def __post_init__(self) -> None:
         _positive("model", patch_size=self.patch_size, hidden_size=self.hidden_size,
@@ -193,6 +210,32 @@ class ModelConfig:
                              f"got {sorted(self.options)}")
         if spec.options is not None:
             from_dict(spec.options, self.options, "model.options")
+        for domain, arch in self.domain_arch.items():
+            if not isinstance(arch, str):
+                raise ValueError(f"model.domain_arch.{domain} must be an encoder name, got "
+                                 f"{arch!r}")
+            try:
+                other = resolve_encoder(arch)
+            except ValueError as err:
+                raise ValueError(f"model.domain_arch.{domain}: {err}") from err
+            if other.options is not None and arch != self.arch:
+                from_dict(other.options, {}, f"model.domain_arch.{domain}")
+
+    def own_arch(self, domains: tuple[str, ...] | list[str]) -> str | None:
+        """The encoder family a client of ``domains`` trains its teacher in when it is not
+        ``arch`` (``domain_arch``; a client of several domains: only when they all name the
+        same one), else ``None``."""
+        archs = {self.domain_arch.get(d, self.arch) for d in domains}
+        arch = archs.pop() if len(archs) == 1 else self.arch
+        return None if arch == self.arch else arch
+
+    def for_arch(self, arch: str | None) -> ModelConfig:
+        """This config building encoder family ``arch`` (``None`` or ``arch``: itself; another
+        family takes its default options)."""
+        if arch is None or arch == self.arch:
+            return self
+        return dataclasses.replace(self, arch=arch, options=MappingProxyType({}),
+                                   domain_arch=MappingProxyType({}))
 
 
 @dataclass(frozen=True)
@@ -202,7 +245,11 @@ class TrainConfig:
     ``precision`` is the experiment's one precision setting, honoured by the clients (fit,
     evaluation, fine-tuning), MIM pretraining, distillation and the benchmarks
     (:mod:`engine.nn.precision`): ``auto`` is bf16 autocast on CUDA and float32 on a CPU,
-    ``bf16`` is bf16 autocast on any device (the CPU too), ``fp32`` is no autocast.
+    ``bf16`` is bf16 autocast on any device (the CPU too), ``fp32`` is no autocast, ``fp16``
+    is float16 autocast with a loss scaler (``torch.amp.GradScaler``) on CUDA only: refused
+    at load when the clients (``clients.num_gpus``), MIM pretraining or distillation
+    (``pretrain.use_gpu``, ``distill.use_gpu``) would run it on a CPU, and by a client
+    that finds no GPU.
 
     The learning-rate schedule (:mod:`engine.nn.schedule`) spans one local-training call
     (``Client.fit``) and is stepped once per batch: in federated strategies that is one
@@ -231,6 +278,12 @@ class TrainConfig:
     grad_clip
         Clip the global gradient norm to this value before each step (``null``: no
         clipping).
+    augment
+        Data augmentation of every training batch of a client (:mod:`engine.nn.augment`:
+        MONAI's random transforms, on the client's device, seeded by the fit): a list of
+        names (``flip``, ``rotate``, ``intensity``, ``shift``, ``noise``) or of mappings
+        ``{name: rotate, prob: 0.5, degrees: 15}`` with that augmentation's options,
+        applied in order. Empty (the default): no augmentation, training as before.
     """
 
     local_epochs: int = 1
@@ -244,7 +297,8 @@ class TrainConfig:
     milestones: tuple[float, ...] = (0.5, 0.75)
     gamma: float = 0.1
     grad_clip: float | None = None
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    augment: tuple[Any, ...] = ()
     # images and convolution weights in channels-last memory order, on every device (about
     # 1.2-1.3x faster training of ResNet-18 and ViT on a 2-core AVX2 CPU, see
     # docs/performance.md); exported weights are always plain contiguous tensors
@@ -274,6 +328,9 @@ class TrainConfig:
                              f"{list(milestones)}")
         if not 0.0 < self.gamma <= 1.0:
             raise ValueError(f"train.gamma must be in (0, 1], got {self.gamma}")
+        object.__setattr__(self, "augment", tuple(
+            parse_augment(item, f"train.augment[{i}]", _build_augment)
+            for i, item in enumerate(self.augment)))
 
 
 @dataclass(frozen=True)
@@ -551,6 +608,13 @@ class EvaluationConfig:
         Seeds of each baseline within a single replicate (``None``: the replicate's seed).
     baseline_options
         Per-baseline strategy options.
+    privacy_audit
+        Run the membership-inference audit after the evaluations (step ``audit``): every
+        client attacks, on its own data, each model that left it or that the server
+        released (its teacher, the main run's global model, every baseline's), with the
+        loss-threshold attack, members its train split and non-members its held-out
+        ``split`` (:mod:`engine.fl.audit`); only the attack's AUC, TPR at 1% FPR and
+        advantage come back. Off: no audit, nothing kept.
     """
 
     replicates: int = 1
@@ -571,6 +635,7 @@ class EvaluationConfig:
     baseline_seeds: tuple[int, ...] | None = None
     baseline_options: Mapping[str, Mapping[str, Any]] = field(
         default_factory=lambda: MappingProxyType({}))
+    privacy_audit: bool = False
 
     def __post_init__(self) -> None:
         _non_negative("evaluation", finetune_epochs=self.finetune_epochs)
@@ -635,10 +700,58 @@ class EvaluationConfig:
 
 @dataclass(frozen=True)
 class DPConfig:
-    """Differential privacy of client training (DP-SGD with Opacus).
+    """Differential privacy of client training (DP-SGD with Opacus; :mod:`engine.fl.dpsgd`).
 
-    Off by default; its fields are filled by the DP work (issue 13).
+    Off by default (training is then exactly as without this section). On, every client's
+    federated training (``Client.fit`` in the main run and in each baseline, every round)
+    is DP-SGD: Poisson-sampled batches (rate ``train.batch_size / n`` of its ``n`` train
+    images), each sample's gradient clipped to ``max_grad_norm``, Gaussian noise added;
+    each client's accountant composes all its steps of the run. The guarantee is about the
+    membership of one train image of a client in everything that client releases (its
+    weights or predictions, and so the server's models, which are post-processing of them
+    and of public data). Evaluation fine-tuning at a client (metrics only, nothing leaves
+    but scores) is not DP. Each run of a study (main, each baseline) is accounted on its
+    own.
+
+    Attributes
+    ----------
+    enabled
+        Train clients with DP-SGD.
+    epsilon
+        Target epsilon per client over the whole run, > 0.
+    delta
+        Target delta per client, in (0, 1) (``None``: ``1 / (10 n)`` of the client's ``n``
+        train images).
+    max_grad_norm
+        Per-sample gradient clipping norm, > 0.
+    accountant
+        Opacus's accountant: ``rdp`` (Rényi DP) or ``prv`` (privacy random variables,
+        tighter).
+    noise_multiplier
+        Noise standard deviation over ``max_grad_norm``, >= 0: given, it is used and only
+        accounted (the run fails before training when its planned steps would spend more
+        than ``epsilon``); ``None``: Opacus's ``get_noise_multiplier`` for ``epsilon`` over
+        the client's planned steps of the run (``ExperimentConfig.budget()`` epochs of
+        ``int(n / batch_size)`` steps).
     """
+
+    enabled: bool = False
+    epsilon: float = 8.0
+    delta: float | None = None
+    max_grad_norm: float = 1.0
+    accountant: Literal["rdp", "prv"] = "rdp"
+    noise_multiplier: float | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ValueError(f"privacy.dp.enabled must be true or false, got {self.enabled!r}")
+        _positive("privacy.dp", epsilon=self.epsilon, max_grad_norm=self.max_grad_norm)
+        if self.delta is not None and not 0.0 < self.delta < 1.0:
+            raise ValueError(f"privacy.dp.delta must be in (0, 1) or null, got {self.delta}")
+        if self.accountant not in ("rdp", "prv"):
+            raise ValueError(f"privacy.dp.accountant must be 'rdp' or 'prv', got "
+                             f"{self.accountant!r}")
+        _non_negative("privacy.dp", noise_multiplier=self.noise_multiplier)
 
 
 @dataclass(frozen=True)
@@ -648,6 +761,16 @@ class PrivacyConfig:
     ``transfer``: ``weights`` (the client returns its fine-tuned model; the paper's setting)
     or ``predictions`` (the teacher stays home: the client returns its outputs on the public
     pool only). ``dp``: DP-SGD for client training (:class:`DPConfig`).
+
+    ``predictions`` needs a strategy that declares ``predicts`` (``universal``), for the
+    main run and every baseline, and refuses, at load, what would need a teacher's weights
+    or network on the server: ``distill.augment`` and ``distill.mixup_alpha > 0`` (the
+    teachers would have to see each batch's random view; their outputs are computed once, on
+    the plain pool images), ``strategy.student_init: merged`` and the ``merged`` arm of
+    ``evaluation.encoders`` (weight averages of the teachers) and
+    ``evaluation.lodo_domains`` (its distillations use teachers fine-tuned as weights).
+    Federated evaluation and fine-tuning still send the *global* model to the clients; only
+    metrics come back.
     """
 
     transfer: Literal["weights", "predictions"] = "weights"
@@ -666,6 +789,15 @@ class RunConfig:
     runs Ray Train jobs, whose placement-group cleanup queries the State API the dashboard
     serves; it costs a few seconds of start-up on a small machine). It does not apply when
     joining a running cluster.
+
+    ``tracking`` logs the run to an experiment tracker as well as to its own folder:
+    ``none`` (default) or ``mlflow`` (:mod:`engine.run.tracking`: one MLflow run per
+    experiment with a nested run per step, the resolved config as params, every round's
+    metrics per domain, the final test metrics and the report as artefacts).
+    ``tracking_uri`` is the MLflow tracking URI (a server ``http://host:5000`` or a database
+    ``sqlite:///path/mlflow.db``; ``None``: ``sqlite:///<run dir>/mlflow.db``, a store inside
+    the run folder, which needs a local run folder). ``tracking_experiment`` names the MLflow
+    experiment (``None``: the experiment's ``name``).
     """
 
     storage_path: str = "runs"
@@ -675,6 +807,9 @@ class RunConfig:
     cache_fits: bool = False
     evaluate_every: int = 1
     dashboard: bool | None = None
+    tracking: Literal["none", "mlflow"] = "none"
+    tracking_uri: str | None = None
+    tracking_experiment: str | None = None
 
     def __post_init__(self) -> None:
         if self.checkpoint_every < 1 or self.keep_checkpoints < 1:
@@ -682,6 +817,17 @@ class RunConfig:
         _non_negative("run", evaluate_every=self.evaluate_every)
         if not self.storage_path:
             raise ValueError("run.storage_path may not be empty")
+        if self.tracking not in ("none", "mlflow"):
+            raise ValueError(f"run.tracking must be one of ['none', 'mlflow'], "
+                             f"got {self.tracking!r}")
+        if self.tracking_uri is not None and not re.match(r"[A-Za-z][A-Za-z0-9+.-]*:",
+                                                          self.tracking_uri):
+            raise ValueError(f"run.tracking_uri must be a URI with a scheme (http://..., "
+                             f"https://..., sqlite:///..., databricks), got "
+                             f"{self.tracking_uri!r}")
+        if self.tracking_experiment is not None and not self.tracking_experiment.strip():
+            raise ValueError("run.tracking_experiment may not be empty (null: the "
+                             "experiment's name)")
 
 
 @dataclass(frozen=True)
@@ -733,11 +879,104 @@ class ExperimentConfig:
                                                         self.data.domains, self.strategy.rounds)
         except ValueError as err:
             raise ValueError(f"strategy: {err}") from err
+        if self.distill.mae_weight > 0 and self.pretrain.method != "mim":
+            raise ValueError(f"distill.mae_weight={self.distill.mae_weight} keeps the MIM "
+                             f"objective during distillation and needs the MIM base's decoder: "
+                             f"set pretrain.method=mim (got {self.pretrain.method!r})")
+        self._check_privacy()
+        self._check_fp16()
         if self.pretrain.method == "mim" and self.model.arch != "vit":
             raise ValueError("pretrain.method=mim needs model.arch=vit (MONAI's MAE is a ViT); "
                              f"got model.arch={self.model.arch!r}")
         for name in self.evaluation.baselines:
             self.baseline_rounds(name)  # every baseline's budget must match (or be allowed)
+        self._check_dp()
+
+    def _check_dp(self) -> None:
+        """``privacy.dp`` against what it cannot cover: a pooled oracle client, a global
+        gradient clip on top of the per-sample one, and encoders Opacus cannot train (each
+        family the clients use is built and tried, :func:`engine.nn.privacy.dp_incompatibility`)."""
+        if not self.privacy.dp.enabled:
+            return
+        pooled = [getattr(cls, "name", str(cls)) for cls in self.strategy_classes()
+                  if cls.pooled]
+        if pooled:
+            raise ValueError(f"privacy.dp: {', '.join(map(repr, pooled))} trains one oracle "
+                             f"client on every domain's pooled data, which no per-client "
+                             f"guarantee covers; drop it (evaluation.baselines)")
+        if self.train.grad_clip is not None:
+            raise ValueError("train.grad_clip: privacy.dp clips every sample's gradient "
+                             "(privacy.dp.max_grad_norm); unset train.grad_clip")
+        if self.train.precision == "fp16":
+            raise ValueError("train.precision=fp16: its loss scaler does not compose with "
+                             "Opacus's per-sample clipping; use bf16 or fp32 with privacy.dp")
+        from engine.nn.privacy import dp_incompatibility
+
+        archs = dict.fromkeys([self.model.arch, *self.model.domain_arch.values()])
+        for arch in archs:
+            reason = dp_incompatibility(self.model.for_arch(arch))
+            if reason is not None:
+                hint = " (set model.options.norm=group)" if arch == "resnet18" else ""
+                raise ValueError(f"privacy.dp: encoder {arch!r} cannot train under DP-SGD: "
+                                 f"{reason}{hint}")
+
+    def _check_fp16(self) -> None:
+        """``train.precision=fp16`` is a CUDA path: refuse it where a step would run it on
+        a CPU (bf16 is the CPU stand-in)."""
+        if self.train.precision != "fp16":
+            return
+        cpu = []
+        if self.clients.num_gpus == 0:
+            cpu.append("the clients (clients.num_gpus=0)")
+        if self.pretrain.method == "mim" and not self.pretrain.use_gpu:
+            cpu.append("MIM pretraining (pretrain.use_gpu=false)")
+        if self.runs_distillations and not self.distill.use_gpu:
+            cpu.append("distillation (distill.use_gpu=false)")
+        if self.privacy.dp.enabled:
+            raise ValueError("train.precision=fp16 with privacy.dp.enabled: DP-SGD steps "
+                             "through Opacus without fp16's loss scaler; use bf16 or fp32")
+        if cpu:
+            raise ValueError(f"train.precision=fp16 needs CUDA, but {' and '.join(cpu)} "
+                             "would run it on a CPU; use train.precision=bf16 there")
+
+    def _check_privacy(self) -> None:
+        """``privacy.transfer`` and ``model.domain_arch`` against what the strategies declare
+        and the levers that need a teacher's weights or network on the server."""
+        transfer = self.privacy.transfer
+        if transfer not in ("weights", "predictions"):
+            raise ValueError(f"privacy.transfer must be 'weights' or 'predictions', got "
+                             f"{transfer!r}")
+        unknown = sorted(set(self.model.domain_arch) - set(self.data.domains))
+        if unknown:
+            raise ValueError(f"model.domain_arch names domains that are not in data.domains: "
+                             f"{unknown}")
+        heterogeneous = any(self.model.own_arch([d]) for d in self.data.domains)
+        try:
+            self.strategy.strategy_class.check_transfer(self.strategy.options, transfer,
+                                                        heterogeneous=heterogeneous)
+        except ValueError as err:
+            raise ValueError(f"strategy: {err}") from err
+        if transfer != "predictions":
+            return
+        for name in self.evaluation.baselines:
+            try:
+                resolve_strategy(name).check_transfer(
+                    self.evaluation.baseline_strategy(name, 1).options, transfer)
+            except ValueError as err:
+                raise ValueError(f"evaluation.baselines: {err} (a baseline's clients would "
+                                 "release weights)") from err
+        d = self.distill
+        if d.augment or d.mixup_alpha > 0:
+            raise ValueError("distill.augment / distill.mixup_alpha need the teachers on each "
+                             "batch's random view, but privacy.transfer=predictions has only "
+                             "their outputs on the plain pool images; turn them off")
+        if "merged" in self.evaluation.encoders:
+            raise ValueError("evaluation.encoders: 'merged' averages the clients' fine-tuned "
+                             "weights, which privacy.transfer=predictions keeps at the "
+                             "clients; drop it")
+        if self.evaluation.lodo_domains:
+            raise ValueError("evaluation.lodo_domains distils teachers the clients return as "
+                             "weights, which privacy.transfer=predictions forbids; drop it")
 
     # -- what the experiment needs, from what its strategies declare ------------------------
     def strategy_classes(self) -> list[type]:

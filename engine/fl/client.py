@@ -3,7 +3,9 @@
 A client reads only its own shards, once, and keeps them (as normalised tensors) on its
 device. Between rounds it holds no model state of its own: the server hands it the model to
 train or score each time, so a restarted client loses nothing and many virtual clients can
-share one process. Only weights and scalar metrics ever leave it.
+share one process. Only weights and scalar metrics ever leave it (with
+``privacy.transfer: predictions``, not even weights: its teacher's outputs on the public
+pool instead, :meth:`Client.pool_outputs`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from engine.data import (
 )
 from engine.data.prepare import ShardRecipe
 from engine.data.shards import Shard, read_shard
+from engine.fl.dpsgd import DPTraining
 from engine.fl.probe import (
     DEFAULT_K,
     EVAL_MODES,
@@ -42,12 +45,22 @@ from engine.fl.probe import (
     train_linear_head,
 )
 from engine.fl.relevance import PublicPool
+from engine.nn.augment import BatchAugment
 from engine.nn.metrics import auc_acc, scores_from_logits
 from engine.nn.models import MultiHeadNet, build_model
-from engine.nn.precision import autocast, autocast_dtype
+from engine.nn.precision import autocast, autocast_dtype, grad_scaler, optimizer_step
+from engine.nn.privacy import used_parameters
 from engine.nn.schedule import build_scheduler
 from strategies.state import is_head_key
-from strategies.types import ClientInfo, EvaluateIns, EvaluateRes, FitIns, FitRes, State
+from strategies.types import (
+    ClientInfo,
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    PoolOutputs,
+    State,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -151,8 +164,8 @@ class Client:
     pool
         Loads the server's public pool (:class:`~engine.fl.relevance.PublicPool`: its
         images in the order and cap of :func:`read_pool`), called when a fit asks for pool
-        scores (``score_pool``); the loader may cache. ``None``: the client cannot score
-        the pool.
+        scores (``score_pool``) or pool outputs (``pool_outputs``); the loader may cache.
+        ``None``: the client cannot score the pool or return outputs on it.
     """
 
     def __init__(self, spec: ClientSpec, model: ModelConfig, train: TrainConfig, *,
@@ -166,6 +179,10 @@ class Client:
         self.spec = spec
         self.cid = spec.cid
         self.pool = pool
+        self.kept_teacher: State | None = None  # the audit's reference (keep_teacher)
+        self.model_cfg = model
+        # the encoder family it trains its teachers in when not the global one
+        self.arch = model.own_arch(list(spec.shards))
         self.train_cfg = train
         self.seed = seed
         self.device = pick_device(device)
@@ -208,9 +225,42 @@ class Client:
         """What the client announces at onboarding (task and sizes, never data)."""
         return ClientInfo(cid=self.cid, domains=tuple(self.data), tasks=dict(self.tasks),
                           num_classes=dict(self.num_classes),
-                          num_train=sum(len(d["train"].y) for d in self.data.values()))
+                          num_train=sum(len(d["train"].y) for d in self.data.values()),
+                          arch=self.arch)
 
     def fit(self, ins: FitIns) -> FitRes:
+        """Train the received model (:meth:`_fit`), or, with ``config["arch"]`` (the family
+        this client declares, :attr:`ClientInfo.arch`), a fresh model of the client's own
+        encoder family seeded by the run seed and the client id (``ins.state`` must then be
+        empty: nothing of the global model fits it). The shared network is untouched.
+
+        Raises
+        ------
+        ValueError
+            For an ``arch`` the client does not declare, or a non-empty ``state`` with it.
+        """
+        arch = ins.config.get("arch")
+        if arch is None:
+            return self._fit(ins)
+        if arch != self.arch or ins.state:
+            raise ValueError(f"client {self.cid}: asked to train encoder family {arch!r} "
+                             f"(with {len(ins.state)} received tensors); it declares "
+                             f"{self.arch!r} and takes no state for it")
+        seed = int(ins.config.get("seed", self.seed))
+        torch.manual_seed(derive_seed(seed, "own-arch", arch, self.cid))
+        own = build_model(self.model_cfg.for_arch(str(arch)), self.num_classes).to(self.device)
+        if self.train_cfg.channels_last:
+            own = own.to(memory_format=torch.channels_last)
+        for domain in self.num_classes:  # as a fresh head is made for the global model
+            own.add_head(domain, self.num_classes[domain],
+                         seed=derive_seed(seed, "head", domain))
+        shared, self.model = self.model, own
+        try:
+            return self._fit(ins)
+        finally:
+            self.model = shared
+
+    def _fit(self, ins: FitIns) -> FitRes:
         """Train the received model on the private train split; return weights and metrics.
 
         The learning-rate schedule (``train.schedule``, ``train.warmup_epochs``; see
@@ -229,27 +279,37 @@ class Client:
         generator = torch.Generator().manual_seed(fit_seed)
         # A fresh head depends on the run seed and its domain only, as if the server had
         # sent it: every client of a domain starts from the same head.
-        self._load(ins.state, ins.fresh_heads, int(cfg.get("seed", self.seed)))
+        if "arch" not in cfg:  # (its own family's model was made fresh by fit)
+            self._load(ins.state, ins.fresh_heads, int(cfg.get("seed", self.seed)))
         epochs = int(cfg.get("epochs", self.train_cfg.local_epochs))
         lr = float(cfg.get("lr", self.train_cfg.lr))
         mu = float(cfg.get("proximal_mu", 0.0))
         select_on_val = bool(cfg.get("select_on_val", False))
         anchor = ({n: p.detach().clone() for n, p in self.model.encoder.named_parameters()}
                   if mu > 0 else None)
-        optimizer = self._optimizer(lr)
+        # privacy.dp: DP-SGD by the plan the fit config carries (None: plain training)
+        dp = self._dp_training(cfg)
+        optimizer = self._optimizer(lr, dp=dp)
         # the schedule spans this call's epochs, stepped per batch (None: constant rate)
         tc = self.train_cfg
-        steps_per_epoch = sum(math.ceil(len(d["train"].y) / tc.batch_size)
-                              for d in self.data.values())
+        steps_per_epoch = (dp.steps_per_epoch() if dp is not None else
+                           sum(math.ceil(len(d["train"].y) / tc.batch_size)
+                               for d in self.data.values()))
         scheduler = build_scheduler(optimizer, tc.schedule, epochs=epochs,
                                     steps_per_epoch=steps_per_epoch,
                                     warmup_epochs=tc.warmup_epochs, milestones=tc.milestones,
                                     gamma=tc.gamma)
+        # train.augment (MONAI, on the device, seeded by the fit; None: no augmentation) and
+        # fp16's loss scaler (None for every other precision)
+        augment = (BatchAugment(tc.augment, derive_seed(fit_seed, "augment"))
+                   if tc.augment else None)
+        scaler = grad_scaler(tc.precision, self.device)
         best: tuple[float, State] | None = None
         metrics: dict[str, float] = {}
         for epoch in range(epochs):
             metrics["train_loss"] = self._train_epoch(optimizer, generator, mu, anchor,
-                                                      scheduler=scheduler)
+                                                      scheduler=scheduler, augment=augment,
+                                                      scaler=scaler, dp=dp)
             if select_on_val:
                 score = self._selection_score()
                 if best is None or score > best[0]:
@@ -259,9 +319,44 @@ class Client:
         state = best[1] if best is not None else self._export()
         pool_scores = (self.pool_scores(state, derive_seed(fit_seed, "pool-scores"))
                        if cfg.get("score_pool", False) else None)
+        pool_outputs = None
+        if cfg.get("pool_outputs", False):  # the teacher stays home: its outputs leave
+            pool_outputs = self.pool_outputs(state)
+            if cfg.get("keep_teacher", False):  # stays here too, for the privacy audit
+                self.kept_teacher = state
+            state = {}
+        if dp is not None:  # the steps taken, for the driver's accountant (engine.fl.dpsgd)
+            metrics.update(dp.metrics())
         metrics["train_seconds"] = time.perf_counter() - started
         return FitRes(cid=self.cid, state=state, num_examples=self.info().num_train,
-                      metrics=metrics, pool_scores=pool_scores)
+                      metrics=metrics, pool_scores=pool_scores, pool_outputs=pool_outputs)
+
+    @torch.no_grad()
+    def pool_outputs(self, state: State, chunk: int = 1024) -> PoolOutputs:
+        """The outputs of model ``state`` (loaded) on every public pool image, in one pass:
+        its encoder's features and each of its domains' head logits, in float32 without
+        autocast (as the distillation runs frozen teachers), on the CPU, in the pool's order.
+
+        Raises
+        ------
+        ValueError
+            When the client was given no pool loader.
+        """
+        if self.pool is None:
+            raise ValueError(f"client {self.cid}: asked for pool outputs (pool_outputs) but "
+                             "it has no public pool to read")
+        images = self.pool().images
+        self._load(state, (), 0)
+        self.model.eval()
+        feats: list[torch.Tensor] = []
+        logits: dict[str, list[torch.Tensor]] = {d: [] for d in self.data}
+        for i in range(0, len(images), chunk):
+            f = self.model.features(images[i:i + chunk].to(self.device)).float()
+            feats.append(f.cpu())
+            for d in self.data:
+                logits[d].append(self.model.heads[d](f).float().cpu())
+        return PoolOutputs(features=torch.cat(feats).contiguous(),
+                           logits={d: torch.cat(v).contiguous() for d, v in logits.items()})
 
     def pool_scores(self, state: State, seed: int) -> torch.Tensor:
         """How much every public pool image looks like this client's own data.
@@ -352,6 +447,14 @@ class Client:
             return self._knn(ins, split, labelled)
         return self._finetune_labelled(ins, split, labelled)
 
+    def audit(self, ins: FitIns) -> EvaluateRes:
+        """Membership-inference audit of the received model on the client's own data
+        (members: its train split; non-members: ``config["split"]``, default test); only
+        the attack's scalars leave it (:func:`engine.fl.audit.audit_model`)."""
+        from engine.fl.audit import audit_model
+
+        return audit_model(self, ins)
+
     # -- internals -------------------------------------------------------------------------
     def _load(self, state: State, fresh_heads: tuple[str, ...], seed: int) -> None:
         own = self.model.state_dict()
@@ -370,9 +473,12 @@ class Client:
         return {k: v.detach().to("cpu", copy=True).contiguous()
                 for k, v in self.model.state_dict().items()}
 
-    def _optimizer(self, lr: float) -> torch.optim.Optimizer:
+    def _optimizer(self, lr: float, dp: DPTraining | None = None) -> torch.optim.Optimizer:
         cfg = self.train_cfg
         params = [p for p in self.model.parameters() if p.requires_grad]
+        if dp is not None:  # DP-SGD: only what the forward reaches has per-sample gradients
+            domain, split = next((d, s["train"]) for d, s in self.data.items())
+            params = used_parameters(self.model, split.x[:2], domain)
         if cfg.optimizer == "sgd":
             return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum,
                                    weight_decay=cfg.weight_decay)
@@ -397,10 +503,19 @@ class Client:
 
     def _train_epoch(self, optimizer: torch.optim.Optimizer, generator: torch.Generator,
                      mu: float, anchor: dict[str, torch.Tensor] | None, *,
-                     scheduler: LRScheduler | None = None) -> float:
+                     scheduler: LRScheduler | None = None,
+                     augment: BatchAugment | None = None,
+                     scaler: torch.amp.GradScaler | None = None,
+                     dp: DPTraining | None = None) -> float:
         """One epoch over the train split; the mean training loss. ``scheduler`` is stepped
         after every optimisation step; ``train.grad_clip`` clips the global gradient norm
-        before it (the loss is float32 under bf16 autocast, so no scaler is involved)."""
+        before it (the loss is float32 under bf16 autocast, so no scaler is involved; under
+        fp16 ``scaler`` scales it, :func:`~engine.nn.precision.optimizer_step`). ``augment``
+        transforms each batch's images first (:mod:`engine.nn.augment`). With ``dp``, the
+        epoch is DP-SGD instead (:meth:`_dp_epoch`)."""
+        if dp is not None:
+            return self._dp_epoch(optimizer, generator, mu, anchor, dp, scheduler=scheduler,
+                                  augment=augment)
         self.model.train()
         clip = self.train_cfg.grad_clip
         total, count = 0.0, 0
@@ -408,6 +523,8 @@ class Client:
             split = self.data[domain]["train"]
             idx = idx.to(self.device)
             x, y = split.x[idx], split.y[idx]
+            if augment is not None:
+                x = augment(x)
             with autocast(self.train_cfg.precision, self.device):
                 logits = self.model(x, domain)
             loss = self._loss(logits, y, domain)
@@ -416,14 +533,88 @@ class Client:
                            for n, p in self.model.encoder.named_parameters())
                 loss = loss + 0.5 * mu * prox
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if clip is not None:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-            optimizer.step()
+            optimizer_step(loss, optimizer, scaler, clip=clip,
+                           parameters=self.model.parameters())
             if scheduler is not None:
                 scheduler.step()
             total += float(loss.detach()) * len(idx)
             count += len(idx)
+        return total / max(count, 1)
+
+    def _dp_training(self, cfg: Mapping[str, Any]) -> DPTraining | None:
+        """The fit's DP-SGD (:class:`~engine.fl.dpsgd.DPTraining`) when its config carries a
+        plan, else ``None``.
+
+        Raises
+        ------
+        ValueError
+            For a client of several domains (its sampling rate would differ per domain) or
+            pool scores asked of a DP fit (their discriminator trains on the private images
+            without DP).
+        """
+        dp = DPTraining.from_config(cfg)
+        if dp is None:
+            return None
+        if len(self.data) != 1:
+            raise ValueError(f"client {self.cid}: DP-SGD trains a client of one domain, this "
+                             f"one holds {sorted(self.data)}")
+        if cfg.get("score_pool", False):
+            raise ValueError(f"client {self.cid}: pool scores (score_pool) come from a "
+                             "discriminator trained on the private images without DP; a DP "
+                             "fit cannot release them (turn the strategy's relevance off)")
+        return dp
+
+    def _dp_epoch(self, optimizer: torch.optim.Optimizer, generator: torch.Generator,
+                  mu: float, anchor: dict[str, torch.Tensor] | None, dp: DPTraining, *,
+                  scheduler: LRScheduler | None = None,
+                  augment: BatchAugment | None = None) -> float:
+        """One DP-SGD epoch of the client's one domain: ``int(1 / q)`` Poisson batches
+        (:meth:`DPTraining.batches`), per-sample gradients clipped to ``max_grad_norm`` and
+        noised (:meth:`DPTraining.step`); FedProx's proximal pull (``mu``) is added to the
+        noised gradient (it depends on the weights only, so it costs no privacy). The hooks
+        live for this epoch only. Returns the mean training loss (data term only)."""
+        (domain, splits), = self.data.items()
+        split = splits["train"]
+        n = len(split.y)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        private = dp.attach(self.model, optimizer, n)
+        encoder = dict(self.model.encoder.named_parameters())
+
+        def proximal() -> None:
+            with torch.no_grad():
+                for name, ref in (anchor or {}).items():
+                    p = encoder[name]
+                    if p.grad is not None:
+                        p.grad.add_(p.detach() - ref, alpha=mu)
+
+        self.model.train()
+        total, count = 0.0, 0
+        try:
+            for idx in dp.batches(n, generator):
+                if not len(idx):
+                    dp.skip_empty(private)
+                    if scheduler is not None:
+                        scheduler.step()
+                    continue
+                idx = idx.to(self.device)
+                x, y = split.x[idx], split.y[idx]
+                if augment is not None:
+                    x = augment(x)
+                with autocast(self.train_cfg.precision, self.device):
+                    logits = self.model(x, domain)
+                loss = self._loss(logits, y, domain)
+                private.zero_grad(set_to_none=True)
+                loss.backward()
+                dp.step(private, proximal if anchor is not None and mu > 0 else None)
+                if scheduler is not None:
+                    scheduler.step()
+                total += float(loss.detach()) * len(idx)
+                count += len(idx)
+        finally:
+            private.zero_grad(set_to_none=True)
+            dp.detach()
+            for p in params:
+                p.grad = None
         return total / max(count, 1)
 
     @torch.no_grad()

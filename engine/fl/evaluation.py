@@ -12,10 +12,12 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from engine.fl.protocols import ClientPool
+from engine.records.progress import current
 from engine.records.results import Results
 from strategies.distill import DistillRequest, DistillService, DistillSettings, Teacher
 from strategies.state import encoder_of
@@ -47,15 +49,24 @@ def evaluate_encoders(actors: ClientPool, infos: Mapping[str, ClientInfo],
             instructions = {cid: FitIns(state=shared, fresh_heads=tuple(infos[cid].domains),
                                         config={**config, "round": 0, "seed": train_seed})
                             for cid in cids}
-            done, failed = actors.run("finetune", instructions)
+            display = current()
+            display.task(f"{config.get('mode')}: {method}, seed {seed}", len(instructions))
+            done, failed = actors.run("finetune", instructions, display.advance)
             for cid, reason in sorted(failed.items()):
                 logger.warning("%s of %s (%s, seed %d) failed: %s", config.get("mode"), cid,
                                method, seed, reason)
                 failures.append({"method": method, "seed": seed, "client": cid,
                                  "reason": str(reason)[:2000]})
+            aucs = []
             for cid, res in done.items():
                 for domain, metrics in res.metrics.items():
                     results.add(method, seed, cid, domain, metrics, replicate=replicate)
+                    if "auc" in metrics and not math.isnan(metrics["auc"]):
+                        aucs.append(float(metrics["auc"]))
+            if aucs:
+                display.metric(f"{config.get('mode')} {config.get('split', 'test')} AUC (mean)",
+                               sum(aucs) / len(aucs), f"{method}, seed {seed}")
+            display.advance_step()
     return failures
 
 
@@ -66,7 +77,8 @@ def base_teachers(actors: ClientPool, infos: Mapping[str, ClientInfo], cids: Seq
     instructions = {cid: FitIns(state=shared, fresh_heads=tuple(infos[cid].domains),
                                 config={"epochs": epochs, "select_on_val": True, "round": 0,
                                         "seed": seed}) for cid in cids}
-    done, failed = actors.run("fit", instructions)
+    current().task("teachers: every client fine-tuned from the base", len(instructions))
+    done, failed = actors.run("fit", instructions, current().advance)
     if failed:
         logger.warning("LODO teachers missing for %s", sorted(failed))
     return teachers_from(done, infos)

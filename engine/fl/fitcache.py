@@ -16,7 +16,7 @@ import torch
 
 from engine.config import ExperimentConfig, to_dict
 from engine.records.storage import write_atomic
-from strategies.types import FitIns, FitRes
+from strategies.types import FitIns, FitRes, PoolOutputs
 
 logger = logging.getLogger(__name__)
 
@@ -63,9 +63,12 @@ class FitCache:
         if not path.exists():
             return None
         data = torch.load(io.BytesIO(path.read_bytes()), weights_only=True)
+        outputs = data.get("pool_outputs")
         return FitRes(cid=cid, state=data["state"], num_examples=int(data["num_examples"]),
                       metrics={k: float(v) for k, v in data["metrics"].items()},
-                      pool_scores=data.get("pool_scores"))
+                      pool_scores=data.get("pool_scores"),
+                      pool_outputs=None if outputs is None else PoolOutputs(
+                          features=outputs["features"], logits=dict(outputs["logits"])))
 
     def put(self, cid: str, ins: FitIns, res: FitRes) -> None:
         """Store ``res`` (atomically: concurrent writers of the same key write the same)."""
@@ -75,5 +78,8 @@ class FitCache:
         entry = {"state": res.state, "num_examples": res.num_examples, "metrics": res.metrics}
         if res.pool_scores is not None:  # asked for by the config, so part of the key
             entry["pool_scores"] = res.pool_scores
+        if res.pool_outputs is not None:  # likewise (config["pool_outputs"])
+            entry["pool_outputs"] = {"features": res.pool_outputs.features,
+                                     "logits": dict(res.pool_outputs.logits)}
         torch.save(entry, buf)
         write_atomic(path, buf.getvalue())

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from engine.config import ExperimentConfig
+from engine.fl.dpsgd import EPSILON_TOLERANCE, DPLedger, fit_config, plan_ledger
 from engine.fl.failures import ClientFailure
 from engine.fl.protocols import ClientPool
 from engine.records.checkpoint import Checkpoint, save_checkpoint
@@ -83,17 +84,21 @@ FINAL_VAL = "final_val"
 
 def invalid_parts(res: FitRes) -> list[str]:
     """What makes a client update unusable: the keys of its NaN / Inf tensors, and
-    ``"pool_scores"`` when its pool scores hold a NaN / Inf (empty: a valid update)."""
+    ``"pool_scores"`` when its pool scores hold a NaN / Inf, ``"pool_outputs.<name>"`` for
+    its pool outputs' (empty: a valid update)."""
     bad = nonfinite_keys(res.state)
     scores = res.pool_scores
     if scores is not None and not bool(torch.isfinite(scores).all()):
         bad.append("pool_scores")
+    if res.pool_outputs is not None:
+        bad += [f"pool_outputs.{k}" for k in nonfinite_keys(res.pool_outputs.tensors())]
     return bad
 
 
 def make_strategy(cfg: ExperimentConfig) -> Strategy:
     """The configured strategy with its own options and the engine's context."""
-    context = StrategyContext(seed=cfg.seed, distill=cfg.distill.objective())
+    context = StrategyContext(seed=cfg.seed, distill=cfg.distill.objective(),
+                              transfer=cfg.privacy.transfer)
     return create_strategy(cfg.strategy.name, cfg.strategy.options, context)
 
 
@@ -152,11 +157,28 @@ class Simulation:
                 raise RunError(f"strategy {cfg.strategy.name!r} distils and needs a distiller")
             self.strategy.distiller = distiller
         self.rounds = self.strategy.num_rounds(cfg.strategy.rounds)
+        # privacy.dp: every training client's DP-SGD plan, checked before any training
+        self.dp: DPLedger | None = None
+        if cfg.privacy.dp.enabled:
+            try:
+                self.dp = plan_ledger(cfg.privacy.dp,
+                                      {c: infos[c].num_train for c in self.fit_cids},
+                                      cfg.train.batch_size, cfg.budget())
+            except ValueError as err:
+                raise RunError(str(err)) from err
+            for cid, plan in self.dp.plans.items():
+                logger.info("client %s DP-SGD plan: noise_multiplier=%.4g q=%.4g, %d steps, "
+                            "epsilon %.3f of %.3g at delta=%.3g (%s)", cid,
+                            plan.noise_multiplier, plan.sample_rate, plan.planned_steps,
+                            plan.planned_epsilon, plan.target_epsilon, plan.delta,
+                            plan.accountant)
         self.best: dict[str, Any] | None = None  # evaluation.select_round=best_val
         # the final evaluation: the test split, or (evaluation.split=val, to tune without
         # touching test) the val split again, recorded apart from the per-round val
         self.final_phase = "test" if cfg.evaluation.split == "test" else FINAL_VAL
         self.fit_cache = None
+        # a client that returns predictions keeps its teacher for the privacy audit
+        self.keep_teachers = False
         if cfg.run.cache_fits:
             from engine.fl.fitcache import FitCache
 
@@ -167,6 +189,8 @@ class Simulation:
         self.strategy.load_state_dict(checkpoint.strategy)
         self.history = checkpoint.history
         self.history.truncate(checkpoint.round)
+        if self.dp is not None:  # the accountants' histories are the run history's dp_steps
+            self.dp.rebuild(self.history.records)
         self.best = checkpoint.extra.get("best")
         return checkpoint.round + 1
 
@@ -236,7 +260,10 @@ class Simulation:
     def _fit_round(self, server_round: int, progress: RunProgress) -> None:
         instructions = self.strategy.configure_fit(server_round, self.fit_cids)
         for ins in instructions.values():
-            ins.config = {**ins.config, "round": server_round, "seed": self.cfg.seed}
+            ins.config = {**ins.config, "round": server_round, "seed": self.cfg.seed,
+                          **({"keep_teacher": True} if self.keep_teachers else {})}
+        if self.dp is not None:
+            self._dp_configure(server_round, instructions)
         progress.start_phase(f"round {server_round} fit", len(instructions))
         started = time.perf_counter()
         cached: dict[str, FitRes] = {}
@@ -266,6 +293,8 @@ class Simulation:
                              domain=self.domain_of.get(cid, ""))
         for cid, failure in failures.items():
             self._record_failure(server_round, cid, failure.kind, failure.message)
+        if self.dp is not None:
+            self._dp_account(server_round, results, valid)
         needed = math.ceil(self.cfg.clients.min_fit_fraction * len(instructions))
         if len(valid) < needed:
             raise RunError(f"round {server_round}: only {len(valid)} of {len(instructions)} "
@@ -297,6 +326,51 @@ class Simulation:
                 self.history.add(server_round, cid, phase, metrics, domain=domain)
         for cid, failure in failures.items():
             self._record_failure(server_round, cid, f"{phase}_failed", str(failure))
+        val = self.val_auc(server_round) if phase == "val" else {}
+        if val:
+            progress.metric("val AUC (mean)", sum(val.values()) / len(val),
+                            f"round {server_round}/{self.rounds}, {len(val)} domain(s)")
+
+    # -- differential privacy (privacy.dp; engine.fl.dpsgd) ---------------------------------
+    def _dp_configure(self, server_round: int, instructions: dict[str, Any]) -> None:
+        """Put each client's DP-SGD plan into its fit config; stop the run, before this
+        round trains, when a client's steps this round would take it over its target."""
+        assert self.dp is not None
+        for cid, ins in instructions.items():
+            plan = self.dp.plans[cid]
+            epochs = int(ins.config.get("epochs", self.cfg.train.local_epochs))
+            eps = self.dp.projected(cid, epochs * plan.steps_per_epoch)
+            if eps > plan.target_epsilon + EPSILON_TOLERANCE:
+                raise RunError(f"round {server_round}: client {cid} would spend epsilon="
+                               f"{eps:.3f} > privacy.dp.epsilon={plan.target_epsilon} "
+                               f"(delta={plan.delta:.3g}) with this round's {epochs} epochs "
+                               f"({self.dp.steps(cid)} DP steps so far, "
+                               f"{plan.planned_steps} planned); the run stops here")
+            ins.config = {**ins.config, **fit_config(plan)}
+
+    def _dp_account(self, server_round: int, results: dict[str, FitRes],
+                    valid: dict[str, FitRes]) -> None:
+        """Add the round's DP steps of every returned update (a rejected one was released
+        too) to its client's accountant, record its spent epsilon (``fit`` phase:
+        ``dp_epsilon``, ``dp_delta``; a rejected update's ``dp_*`` metrics as well, so a
+        resume rebuilds the same ledger) and stop the run if one is over."""
+        assert self.dp is not None
+        for cid in sorted(results):
+            res = results[cid]
+            if cid not in valid:
+                self.history.add(server_round, cid, "fit",
+                                 {k: v for k, v in res.metrics.items() if k.startswith("dp_")},
+                                 domain=self.domain_of.get(cid, ""))
+            eps = self.dp.record(cid, res.metrics)
+            self.history.add(server_round, cid, "fit",
+                             {"dp_epsilon": eps, "dp_delta": self.dp.plans[cid].delta},
+                             domain=self.domain_of.get(cid, ""))
+        over = self.dp.over_target()
+        if over:
+            self._write_history()
+            raise RunError(f"round {server_round}: clients over privacy.dp.epsilon="
+                           f"{self.cfg.privacy.dp.epsilon}: "
+                           f"{ {c: round(e, 3) for c, e in over.items()} }; the run stops")
 
     # -- bookkeeping -----------------------------------------------------------------------
     def _record_failure(self, server_round: int, cid: str, kind: str, reason: str) -> None:

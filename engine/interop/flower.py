@@ -16,6 +16,9 @@ What crosses the wire
   metrics and ``"num-examples"`` (the FedAvg weight).
 * **Evaluate reply**: one ``MetricRecord`` only: ``auc``, ``acc``, ``loss`` (means over the
   client's domains; one domain except a pooled client) and ``"num-examples"``. No weights.
+* **Both replies** also carry a ``ConfigRecord`` under ``"client"`` with the client's id
+  (``cid``) and its ``domains``, so a server can tell which client answered (Flower's
+  strategies count only array and metric records, so it does not disturb them).
 
 Encoder shared, heads local
 ---------------------------
@@ -83,6 +86,8 @@ WEIGHT_KEY = "num-examples"
 """Metric that carries the number of examples (Flower's default ``weighted_by_key``)."""
 ROUND_KEY = "server-round"
 """Config entry that Flower's strategies set to the current round."""
+CLIENT_KEY = "client"
+"""Key of the ``ConfigRecord`` in every reply that names the client (``cid``, ``domains``)."""
 
 ClientFactory = Callable[[Context], Client]
 """Builds (or returns a memoised) :class:`Client` for the node a ``Context`` describes."""
@@ -196,7 +201,7 @@ class FlowerClient:
         metrics = MetricRecord({k: float(v) for k, v in res.metrics.items()})
         metrics[WEIGHT_KEY] = int(res.num_examples)
         return RecordDict({ARRAYS_KEY: state_to_arrays(res.state, received.__contains__),
-                           METRICS_KEY: metrics})
+                           METRICS_KEY: metrics, CLIENT_KEY: self._identity()})
 
     def evaluate(self, content: RecordDict) -> RecordDict:
         """Score the received arrays (with the local heads) on ``config["split"]``."""
@@ -215,9 +220,12 @@ class FlowerClient:
         metrics = MetricRecord({name: _mean([m[name] for m in res.metrics.values()])
                                 for name in ("auc", "acc", "loss")})
         metrics[WEIGHT_KEY] = int(res.num_examples)
-        return RecordDict({METRICS_KEY: metrics})
+        return RecordDict({METRICS_KEY: metrics, CLIENT_KEY: self._identity()})
 
     # -- internals -----------------------------------------------------------------------
+    def _identity(self) -> ConfigRecord:
+        return ConfigRecord({"cid": self.client.cid, "domains": list(self.client.data)})
+
     @staticmethod
     def _arrays(content: RecordDict) -> ArrayRecord:
         record = _single(content.array_records, "ArrayRecord")

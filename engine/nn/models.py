@@ -57,21 +57,79 @@ class ViTEncoder(nn.Module):
         return tokens.mean(dim=1)
 
 
+@dataclass(frozen=True)
+class ResNet18Options:
+    """``model.options`` of ``resnet18``.
+
+    Attributes
+    ----------
+    norm
+        ``batch`` (BatchNorm, MONAI's default and today's network) or ``group`` (GroupNorm,
+        8 groups, with out-of-place ReLUs and residual sums; the same parameter names, no
+        running statistics): the one that trains under DP-SGD (``privacy.dp``), where
+        BatchNorm would mix the samples of a batch and per-sample gradients are undefined.
+    """
+
+    norm: str = "batch"
+
+    def __post_init__(self) -> None:
+        if self.norm not in ("batch", "group"):
+            raise ValueError(f"model.options.norm must be 'batch' or 'group', got "
+                             f"{self.norm!r}")
+
+
 class ResNet18Encoder(nn.Module):
-    """MONAI ``ResNet`` (basic blocks, 2-2-2-2) for 28 x 28: 3x3 stride-1 stem, no max-pool."""
+    """MONAI ``ResNet`` (basic blocks, 2-2-2-2) for 28 x 28: 3x3 stride-1 stem, no max-pool;
+    BatchNorm, or GroupNorm with ``model.options.norm=group`` (:class:`ResNet18Options`)."""
+
+    Options = ResNet18Options
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         from monai.networks.nets import ResNet
 
+        opts = encoder_options(cfg) or ResNet18Options()
         self.resnet = ResNet(block="basic", layers=(2, 2, 2, 2),
                              block_inplanes=(64, 128, 256, 512), spatial_dims=2,
                              n_input_channels=UNIFIED_CHANNELS, conv1_t_size=3,
                              conv1_t_stride=1, no_max_pool=True, feed_forward=False)
+        if opts.norm == "group":
+            _to_group_norm(self.resnet)
         self.out_features = 512
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.resnet(x)
+
+
+class _OutOfPlaceBasicBlock(nn.Module):
+    """MONAI's basic ``ResNetBlock`` with the same submodules and an out-of-place residual
+    sum (MONAI's adds in place, on a hooked norm's output, which Opacus's backward hooks
+    cannot follow); set as the class of a built block by :func:`_to_group_norm`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.act(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        residual = x if self.downsample is None else self.downsample(x)
+        return self.act(out + residual)
+
+
+def _to_group_norm(module: nn.Module) -> None:
+    """Replace every ``BatchNorm2d`` under ``module`` by a ``GroupNorm`` (:func:`_groups`
+    groups; weight 1, bias 0, as MONAI initialises its norms), make its ReLUs out-of-place
+    and its basic blocks' residual sums too (:class:`_OutOfPlaceBasicBlock`), so that
+    Opacus computes per-sample gradients. (MONAI's ``ResNet(norm=...)`` reaches only the
+    stem, not its blocks.) Parameter names are unchanged."""
+    from monai.networks.nets.resnet import ResNetBlock
+
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            setattr(module, name, nn.GroupNorm(_groups(child.num_features), child.num_features))
+            continue
+        if isinstance(child, nn.ReLU):
+            child.inplace = False
+        if type(child) is ResNetBlock:
+            child.__class__ = _OutOfPlaceBasicBlock
+        _to_group_norm(child)
 
 
 @dataclass(frozen=True)
@@ -146,7 +204,7 @@ class EncoderSpec:
 
 ENCODERS: Registry[EncoderSpec] = Registry("encoder", "umim.encoders", {
     "vit": EncoderSpec(ViTEncoder),
-    "resnet18": EncoderSpec(ResNet18Encoder),
+    "resnet18": EncoderSpec(ResNet18Encoder, ResNet18Options),
     "vit_conv": EncoderSpec(ConvViTEncoder, ConvViTOptions),
 })
 """Every registered encoder by ``model.arch`` name."""

@@ -36,7 +36,7 @@ def build_simulation(cfg: ExperimentConfig, storage: Storage, session: Session, 
     A strategy that declares ``distils`` gets a Ray Train distiller writing under
     ``<run dir>/train``; others get none.
     """
-    distiller = (session.distiller(storage, train_callbacks)
+    distiller = (session.distiller(storage, train_callbacks, seed=cfg.seed)
                  if cfg.strategy.strategy_class.distils else None)
     start = session.base if encoder is None else encoder
     return Simulation(cfg, storage, session.actors, start, distiller=distiller,

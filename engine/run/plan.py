@@ -100,6 +100,10 @@ def _steps(cfg: ExperimentConfig) -> list[dict[str, Any]]:
                                    for m in ev.modes for f in ev.label_fractions
                                    for a in (LODO_LABEL, base_label(cfg))],
                           "epochs": ev.finetune_epochs, "seeds": list(ev.seeds)})
+        if ev.privacy_audit:
+            steps.append({"step": step("audit"),
+                          "artefacts": ["teacher", strategy, *ev.baselines],
+                          "attack": "loss threshold", "nonmembers": ev.split})
     return steps
 
 
@@ -129,7 +133,7 @@ def placement_plan(cfg: ExperimentConfig) -> dict[str, Any]:
           ``distill`` (``None``, or ``workers``, ``cpus_per_worker``, ``gpus_per_worker``,
           totals ``cpus`` / ``gpus`` and ``for``: the steps that run the job);
         * ``steps``: the study's steps in order (``main``, ``finetune``, ``lodo-<domain>``,
-          ``baseline-<name>-seed<k>``), each with what it runs;
+          ``baseline-<name>-seed<k>``, ``audit``), each with what it runs;
         * ``phases``: what is held at once, phase by phase (``pretrain`` before the actors
           start, then ``rounds``: actors plus distillation workers), with totals;
         * ``peak``: ``cpus`` / ``gpus`` at the largest phase (what one run needs).
@@ -207,6 +211,10 @@ def _describe_step(step: dict[str, Any]) -> str:
     if "mode" in step:
         return (f"{name}: {', '.join(step['arms'])}; {step['epochs']} epoch(s), "
                 f"seeds {step['seeds']}")
+    if "artefacts" in step:
+        return (f"{name}: {step['attack']} membership inference on "
+                f"{', '.join(step['artefacts'])} (members: train, non-members: "
+                f"{step['nonmembers']})")
     return (f"{name}: distil without {step['held_out']}, then {' vs '.join(step['arms'])} "
             f"on it, {step['epochs']} epoch(s), seeds {step['seeds']}")
 

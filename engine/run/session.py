@@ -17,8 +17,9 @@ from engine.data import domain_catalog, resolve_cache_dir, resolve_data_root
 from engine.data.prepare import ShardRecipe
 from engine.fl.client import ClientSpec, derive_seed, shard_builder
 from engine.nn.models import build_model
+from engine.records.progress import current
 from engine.records.storage import Storage
-from engine.train.distill import RayTrainDistiller
+from engine.train.distill import MAEPart, RayTrainDistiller
 from strategies.state import encoder_of
 from strategies.types import POOLED_CID
 
@@ -40,11 +41,13 @@ def resolve_paths(cfg: ExperimentConfig, data_root: str | None = None,
     return replace(cfg, data=replace(cfg.data, **machine_paths(cfg, data_root, cache_dir)))
 
 
-def client_specs(cfg: ExperimentConfig, pooled: bool) -> list[ClientSpec]:
+def client_specs(cfg: ExperimentConfig, pooled: bool, build: bool = True) -> list[ClientSpec]:
     """Every client's shard recipe, plus the pooled oracle client's if ``pooled``.
 
     The shards are built here once (so data errors surface before any actor starts); each
-    actor then resolves its clients' recipes on its own node.
+    actor then resolves its clients' recipes on its own node. ``build=False`` only lists
+    the recipes, in the same order (a node that serves one client, e.g. a Flower
+    SuperNode, resolves just its own).
     """
     catalog = domain_catalog(dict(cfg.data.extra_domains))
     unknown = [d for d in cfg.data.domains if d not in catalog]
@@ -57,7 +60,8 @@ def client_specs(cfg: ExperimentConfig, pooled: bool) -> list[ClientSpec]:
         for i in range(n):
             recipe = ShardRecipe(domain, num_clients=n, index=i, scheme=cfg.data.partition,
                                  seed=cfg.seed, alpha=cfg.data.dirichlet_alpha)
-            recipe.resolve(builder)
+            if build:
+                recipe.resolve(builder)
             specs.append(ClientSpec(domain if n == 1 else f"{domain}#{i}", recipes=(recipe,)))
     if pooled:
         specs.append(ClientSpec(POOLED_CID, recipes=tuple(ShardRecipe(d)
@@ -107,6 +111,7 @@ class Session:
         self.base_info: dict[str, Any] = {}
         self.bases: dict[int, dict[str, torch.Tensor]] = {}
         self.base_infos: dict[int, dict[str, Any]] = {}
+        self.decoders: dict[int, dict[str, torch.Tensor]] = {}
 
     def start(self) -> Session:
         """Connect to Ray, build shards, pretrain (or load) the base, start the actors.
@@ -117,20 +122,26 @@ class Session:
         from engine.cluster.pool import ActorPool
 
         started = time.monotonic()
+        current().task("connecting to Ray, building the clients' shards", 0)
         connect_for(self.cfg)
         specs = client_specs(self.cfg, self.pooled)
+        current().task("the MIM base: from the cache or pretrained", 0)
         for seed in replicate_seeds(self.cfg):  # one base per replicate, each cached
             if self.cfg.pretrain.method == "mim":
-                from engine.train.mim import pretrained_base
+                from engine.train.mim import pretrained_mae
 
-                base, info = pretrained_base(self.cfg.model, self.cfg.pretrain, self.cfg.data,
-                                             seed, precision=self.cfg.train.precision,
-                                             run=self.storage)
+                want_decoder = self.cfg.distill.mae_weight > 0
+                base, decoder, info = pretrained_mae(
+                    self.cfg.model, self.cfg.pretrain, self.cfg.data, seed,
+                    precision=self.cfg.train.precision, run=self.storage, decoder=want_decoder)
+                if decoder is not None:
+                    self.decoders[seed] = decoder
                 info["method"] = "mim"
             else:
                 base, info = initial_encoder(replace(self.cfg, seed=seed)), {"method": "none"}
             self.bases[seed], self.base_infos[seed] = base, {**info, "seed": seed}
         self.base, self.base_info = self.bases[self.cfg.seed], self.base_infos[self.cfg.seed]
+        current().task(f"starting the client actors ({len(specs)} clients)", 0)
         self.actors = ActorPool.start(self.cfg, specs, self.observers)
         logger.info("session started in %.1f s (base: %s)", time.monotonic() - started,
                     self.base_info["method"])
@@ -143,13 +154,17 @@ class Session:
                            f"{sorted(self.bases)}")
         return self.bases[seed]
 
-    def distiller(self, storage: Storage, callbacks: Any = None) -> RayTrainDistiller:
+    def distiller(self, storage: Storage, callbacks: Any = None, seed: int | None = None
+                  ) -> RayTrainDistiller:
         """A Ray Train distiller writing its checkpoints under ``<run dir>/train``, on the
         run directory's filesystem (``s3://...`` too; ``callbacks``: request -> Ray Train
-        callbacks, see ``RayTrainDistiller``)."""
+        callbacks, see ``RayTrainDistiller``). With ``distill.mae_weight > 0`` it carries
+        the MAE decoder of the base of the replicate with ``seed`` (default: the run's)."""
+        decoder = self.decoders.get(self.cfg.seed if seed is None else seed)
+        mae = MAEPart(self.cfg.pretrain, decoder) if decoder is not None else None
         return RayTrainDistiller(self.cfg.model, self.cfg.data, f"{storage.uri}/train",
                                  scaling=self.cfg.distill.scaling(), callbacks=callbacks,
-                                 precision=self.cfg.train.precision)
+                                 precision=self.cfg.train.precision, mae=mae)
 
     def shutdown(self) -> None:
         """Stop the client actors."""

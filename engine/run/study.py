@@ -9,7 +9,9 @@ Steps of each replicate (each resumable, each marked done under ``progress/``; w
 2. ``baseline-<name>-seed<k>``: each baseline strategy on the same data, base and budget;
 3. ``eval-<mode>[-<pct>pct]``: every encoder of ``evaluation.encoders`` judged by each
    evaluation mode at each label fraction, at every client on its own data;
-4. ``lodo-<domain>``: leave-one-domain-out generalisation.
+4. ``lodo-<domain>``: leave-one-domain-out generalisation;
+5. ``audit`` (``evaluation.privacy_audit``): every client attacks each model that left it or
+   that the server released (:mod:`engine.run.audit`).
 
 Every test metric lands in ``results.parquet`` (with its replicate); ``summary.json`` holds
 the per-method, per-domain table with 95% CIs over replicates, every comparison with its
@@ -19,6 +21,7 @@ pre-registered primary comparison.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -41,9 +44,11 @@ from engine.fl.simulation import Callback, RunError, RunResult, Simulation
 from engine.records.checkpoint import latest_checkpoint
 from engine.records.history import History
 from engine.records.lock import RunLock
+from engine.records.progress import SETUP_STEP, PipelineProgress, current
 from engine.records.results import Results
 from engine.records.stats import compare_units, holm
 from engine.records.storage import Storage
+from engine.run.audit import TeacherCapture, audit_replicate, privacy_summary
 from engine.run.build import build_simulation
 from engine.run.names import (
     LODO_LABEL,
@@ -54,6 +59,7 @@ from engine.run.names import (
     step_name,
 )
 from engine.run.session import Session, initial_encoder, replicate_seeds, resolve_paths
+from engine.run.tracking import StudyTracker, check_tracking, open_tracker
 from engine.train.mim import pool_composition
 from strategies.aggregate import weighted_average
 from strategies.distill import Teacher
@@ -104,6 +110,8 @@ class Study:
         self.callbacks = list(callbacks)
         self.results = (Results.from_parquet_bytes(storage.read_bytes(RESULTS))
                         if storage.exists(RESULTS) else Results())
+        self.tracker: StudyTracker | None = None  # opened by execute (run.tracking)
+        self.capture = TeacherCapture()  # the main run's returned models, for the audit
         self._clock = time.monotonic()
 
     # -- bookkeeping -----------------------------------------------------------------------
@@ -116,13 +124,28 @@ class Study:
         self.storage.write_text(f"progress/{step}.done", json.dumps({"seconds": seconds,
                                                                      **(info or {})}))
         logger.info("step %s done in %.1f s", step, seconds)
+        current().end(step, seconds)
         self._clock = time.monotonic()
+
+    def display(self) -> PipelineProgress:
+        """The live progress display of this study's steps (those already done counted)."""
+        from engine.run.plan import placement_plan
+
+        steps = [s["step"] for s in placement_plan(self.cfg)["steps"]]
+        done = [n.removesuffix(".done") for n in self.storage.listdir("progress")
+                if n.endswith(".done")]
+        return PipelineProgress(steps, done=done, disable=self.quiet)
 
     # -- steps -----------------------------------------------------------------------------
     def session(self) -> Session:
         """The experiment's session (started: Ray, shards, base encoders, client actors)."""
         observers = [cb.on_client_message for cb in self.callbacks]
-        return Session(self.cfg, observers=observers, storage=self.storage).start()
+        if self.cfg.evaluation.privacy_audit:  # keep each client's returned model
+            observers.append(self.capture)
+        current().begin(SETUP_STEP)
+        session = Session(self.cfg, observers=observers, storage=self.storage).start()
+        current().end(SETUP_STEP)
+        return session
 
     def replicates(self, session: Session) -> list[Replicate]:
         """Every replicate of the study, in order."""
@@ -138,23 +161,42 @@ class Study:
         summary."""
         ev = self.cfg.evaluation
         self._clock = time.monotonic()
+        self.tracker = open_tracker(self.cfg, self.saved, self.storage)  # run.tracking
         mains = []
         for rep in self.replicates(session):
             main = self._main(session, rep)
+            self._track(rep)
             mains.append(main)
             for name in ev.baselines:
                 for seed in ev.baseline_seeds or (rep.seed,):
                     self._baseline(session, rep, name, seed)
+                    self._track(rep)
             if ev.finetune_epochs > 0:
                 self._evaluations(session, rep, main)
+                self._track(rep)
             if ev.lodo_domains:
                 self._lodo(session, rep)
+                self._track(rep)
+            if ev.privacy_audit:
+                self._audit(session, rep)
         summary = self.summary(mains[0].summary, session.base_info)
         summary["bases"] = [{k: v for k, v in session.base_infos[rep_seed].items()
                              if k not in ("path", "curve")}
                             for rep_seed in replicate_seeds(self.cfg)]
         self.storage.write_text("summary.json", json.dumps(summary, indent=2, default=float))
+        if self.tracker is not None:
+            self.tracker.finish(summary)
         return replace(mains[0], summary=summary, results=Results(self.results.rows))
+
+    def _track(self, rep: Replicate) -> None:
+        """Log the replicate's finished steps to the tracker (``run.tracking``)."""
+        if self.tracker is not None:
+            self.tracker.sync(rep.index, rep.count, rep.seed, rep.storage)
+
+    def track_failure(self, error: BaseException) -> None:
+        """Mark the tracked run as failed (a resume continues it)."""
+        if self.tracker is not None:
+            self.tracker.fail(error)
 
     def _main(self, session: Session, rep: Replicate) -> RunResult:
         sim = build_simulation(rep.cfg, rep.storage, session, quiet=self.quiet,
@@ -172,7 +214,15 @@ class Study:
         start = sim.restore(checkpoint) if checkpoint is not None else 1
         if checkpoint is not None:
             logger.info("resuming %s after round %d", rep.storage.uri, checkpoint.round)
-        result = sim.run(start_round=start)
+        current().begin(rep.step("main"), total=sim.rounds, unit="rounds")
+        if self.cfg.evaluation.privacy_audit:
+            self.capture.start(rep.storage)
+            # a teacher that stays home (predictions) is kept there for the audit
+            sim.keep_teachers = self.cfg.privacy.transfer != "weights"
+        try:
+            result = sim.run(start_round=start)
+        finally:
+            self.capture.stop()
         method = self.cfg.strategy.name
         self.results.drop(method, replicate=rep.index)
         self._add_history(method, rep.seed, sim, rep.index)
@@ -203,6 +253,7 @@ class Study:
         sim = build_simulation(cfg, storage, session, quiet=self.quiet,
                                callbacks=self.callbacks, encoder=rep.base)
         checkpoint = latest_checkpoint(storage)
+        current().begin(step, total=sim.rounds, unit="rounds")
         result = sim.run(start_round=sim.restore(checkpoint) if checkpoint is not None else 1)
         storage.write_bytes(ENCODER_FILE, _tensors_bytes(encoder_of(result.strategy_state
                                                                     ["encoder"])))
@@ -254,6 +305,8 @@ class Study:
         cids = sorted(c for c in infos if c != POOLED_CID)
         for mode, fraction in pending:
             methods = {method_name(label, mode, fraction): enc for label, enc in arms.items()}
+            current().begin(rep.step(step_name(mode, fraction)),
+                            total=len(methods) * len(self._eval_seeds(rep)), unit="calls")
             for method in methods:
                 self.results.drop(method, replicate=rep.index)
             logger.info("replicate %d: %s at %g%% of the labels, encoders %s", rep.index,
@@ -282,10 +335,14 @@ class Study:
         infos = session.actors.infos()
         cids = sorted(c for c in infos if c != POOLED_CID)
         teachers = self._teachers(session, rep)
-        distiller = session.distiller(rep.storage)
+        distiller = session.distiller(rep.storage, seed=rep.seed)
         for domain in pending:
+            current().begin(rep.step(f"lodo-{domain}"), unit="jobs",
+                            total=1 + 2 * len(ev.modes) * len(ev.label_fractions)
+                            * len(self._eval_seeds(rep)))
             encoder, result = lodo_encoder(distiller, rep.base, teachers, domain,
                                            self.cfg.distill, seed=rep.seed)
+            current().advance_step()
             held = [c for c in cids if domain in infos[c].domains]
             failed: list[dict[str, Any]] = []
             for mode in ev.modes:
@@ -301,6 +358,14 @@ class Study:
                                                     "teachers": sorted({t.domain for t in
                                                                         teachers
                                                                         if t.domain != domain})})
+
+    def _audit(self, session: Session, rep: Replicate) -> None:
+        """The privacy audit of one replicate (:func:`engine.run.audit.audit_replicate`)."""
+        step = rep.step("audit")
+        if self._done(step):
+            return
+        current().begin(step)
+        self._mark(step, audit_replicate(self.cfg, rep, session, self.results))
 
     # -- summary ---------------------------------------------------------------------------
     def comparisons(self) -> list[dict[str, Any]]:
@@ -387,7 +452,9 @@ class Study:
                 "pool": self.pool_description(), "primary": asdict(spec),
                 "methods": methods, "heads_vs_local": self.heads_vs_local(methods),
                 "comparisons": comparisons, "claim": verdict,
-                "evaluation_failures": self.evaluation_failures()}
+                "evaluation_failures": self.evaluation_failures(),
+                **({"privacy": privacy_summary(self.cfg, self.results)}
+                   if self.cfg.evaluation.privacy_audit else {})}
 
     def pool_description(self) -> dict[str, Any]:
         """What the server's unlabelled pool held (said in the report): its sources and the
@@ -444,7 +511,8 @@ def _dump(cfg: ExperimentConfig) -> str:
 
 def run(cfg: ExperimentConfig, *, out: str | os.PathLike[str] | None = None,
         data_root: str | None = None, cache_dir: str | None = None, quiet: bool = False,
-        callbacks: Sequence[Callback] = ()) -> RunResult:
+        callbacks: Sequence[Callback] = (),
+        config_file: str | os.PathLike[str] | None = None) -> RunResult:
     """Run an experiment end to end and write its run directory.
 
     The run directory is locked first (a second run into it fails at once, naming the
@@ -466,6 +534,9 @@ def run(cfg: ExperimentConfig, *, out: str | os.PathLike[str] | None = None,
         No progress display.
     callbacks
         Hooks into the round loop.
+    config_file
+        The file ``cfg`` was read from, recorded in ``origin.json`` (``umim report`` links
+        the sweep's plots when it is a sweep's ``best.yaml``).
 
     Returns
     -------
@@ -474,25 +545,34 @@ def run(cfg: ExperimentConfig, *, out: str | os.PathLike[str] | None = None,
         strategy state, and every method's results (``result.results.to_pandas()``).
     """
     storage = _new_storage(cfg, out)
+    check_tracking(cfg, storage)
     existed = storage.folder_exists()
     try:
-        with RunLock(storage):
+        with RunLock(storage), contextlib.ExitStack() as live:
             if storage.exists("config.yaml"):
                 raise RunError(f"{storage.uri} already holds a run; use "
                                f"`umim resume {storage.uri}`")
             study = Study(resolve_paths(cfg, data_root, cache_dir), storage, quiet=quiet,
                           callbacks=callbacks, saved=cfg)
+            live.enter_context(study.display())  # the live progress of every step
             storage.write_text("config.yaml", _dump(cfg))
             storage.write_text(STARTED_CONFIG, _dump(cfg))
+            if config_file is not None:
+                storage.write_text("origin.json", json.dumps(
+                    {"config_file": os.path.abspath(config_file)}))
             try:
                 session = study.session()  # data, resources: fails fast, before any step
             except BaseException:
                 storage.delete_file("config.yaml")
                 storage.delete_file(STARTED_CONFIG)
+                storage.delete_file("origin.json")
                 storage.remove_if_empty("progress")
                 raise
             try:
                 return study.execute(session)
+            except BaseException as err:
+                study.track_failure(err)
+                raise
             finally:
                 session.shutdown()
     except BaseException:
@@ -525,16 +605,20 @@ def resume(run_dir: str | os.PathLike[str], *, data_root: str | None = None,
     storage = Storage(run_dir)
     if not storage.exists("config.yaml"):
         raise RunError(f"{storage.uri} holds no config.yaml: not a umim run directory")
-    with RunLock(storage):
+    with RunLock(storage), contextlib.ExitStack() as live:
         cfg = from_dict(ExperimentConfig, yaml.safe_load(storage.read_text("config.yaml")))
         _check_resume(storage, cfg)
         here = resolve_paths(cfg, data_root, cache_dir)
         if address:
             here = replace(here, run=replace(here.run, address=address))
         study = Study(here, storage, quiet=quiet, callbacks=callbacks, saved=cfg)
+        live.enter_context(study.display())  # the live progress of the steps still to do
         session = study.session()
         try:
             return study.execute(session)
+        except BaseException as err:
+            study.track_failure(err)
+            raise
         finally:
             session.shutdown()
 

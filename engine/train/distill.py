@@ -18,6 +18,13 @@ Teachers with ``sample_weights`` (per-sample relevance, :mod:`strategies.distill
 indexed by the pool the job is given: on either path each image carries its teachers'
 normalised weights (a mixed image the lambda-mix of its two images'), which mix the
 teachers of a domain per image and scale that domain's KD and feature terms.
+
+Teachers may instead come as their outputs on the pool (``privacy.transfer: predictions``,
+:attr:`~strategies.distill.Teacher.outputs`, one row per pool image, computed by the client
+in one pass): their rows of the job's images are the targets and no teacher network runs;
+function matching is refused for them (they never saw a random view). A teacher given as
+weights of another encoder family (``model.domain_arch``) is built in its family; the
+student's feature projection of a domain maps to its teachers' feature width.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,12 +41,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.config import DataConfig, ModelConfig, TrainScaling
+from engine.config import DataConfig, ModelConfig, PretrainConfig, TrainScaling
 from engine.fl.simulation import RunError
 from engine.nn.models import MultiHeadNet, build_model
-from engine.nn.precision import autocast, autocast_dtype
+from engine.nn.precision import (
+    autocast,
+    autocast_dtype,
+    check_precision,
+    grad_scaler,
+    optimizer_step,
+)
 from engine.train.launch import fit_trainer, load_checkpoint_state, report, unwrap
-from engine.train.mim import load_pool
+from engine.train.mim import build_mae, load_pool, mae_loss, tie_mae
 from strategies.aggregate import nonfinite_keys
 from strategies.distill import (
     LOSS_NAMES,
@@ -72,20 +86,34 @@ class DistillError(RunError, ValueError):
 
 
 class Student(nn.Module):
-    """The global model plus one feature projection per taught domain (not exported)."""
+    """The global model plus one feature projection per taught domain (not exported) and,
+    with the MAE term on, the MIM base's masked autoencoder tied to the global encoder
+    (:func:`engine.train.mim.tie_mae`; its decoder is not exported either)."""
 
-    def __init__(self, net: MultiHeadNet, projected: list[str]) -> None:
+    def __init__(self, net: MultiHeadNet, projected: list[str],
+                 mae: nn.Module | None = None, patch_size: int = 0,
+                 precision: str = "auto", widths: dict[str, int] | None = None) -> None:
         super().__init__()
         self.net = net
         width = net.out_features
-        self.proj = nn.ModuleDict({d: nn.Linear(width, width) for d in projected})
+        widths = widths or {}  # a teacher of another family has features of its own width
+        self.proj = nn.ModuleDict({d: nn.Linear(width, widths.get(d, width))
+                                   for d in projected})
+        self.mae = mae
+        self.patch_size, self.precision = patch_size, precision
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor],
-                                                dict[str, torch.Tensor]]:
+    def forward(self, x: torch.Tensor, *, reconstruct: bool = False
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor],
+                           torch.Tensor | None]:
+        """Features, logits per head, projected features per taught domain, and (when
+        ``reconstruct`` and the student has an MAE) the MAE loss of the encoder on ``x``
+        (in the same forward pass, so data parallelism sees every parameter once)."""
         features = self.net.features(x)
         logits = {d: head(features) for d, head in self.net.heads.items()}
         projected = {d: p(features) for d, p in self.proj.items()}
-        return features, logits, projected
+        rec = (mae_loss(self.mae, x, self.patch_size, self.precision)
+               if reconstruct and self.mae is not None else None)
+        return features, logits, projected, rec
 
 
 def _frozen(model_cfg: ModelConfig, heads: dict[str, int], state: dict[str, torch.Tensor],
@@ -126,6 +154,7 @@ class FrozenModels:
         self.retained: list[str] = retained if retained and s.gamma > 0 else []
         self.tasks |= {d: request.heads[d][0] for d in self.retained}
         self._nets: dict[tuple[str, int], MultiHeadNet] = {}
+        self.pool_size: int | None = None  # set by the job: its pool's length
 
     def _net(self, key: tuple[str, int], build: Callable[[], MultiHeadNet]) -> MultiHeadNet:
         net = self._nets.get(key)
@@ -136,11 +165,48 @@ class FrozenModels:
         return net
 
     def teachers(self, domain: str) -> Iterator[tuple[float, MultiHeadNet]]:
-        """``(weight, network)`` of each teacher of ``domain``, in order."""
+        """``(weight, network)`` of each teacher of ``domain`` given as weights, in order,
+        each built in its own encoder family (:attr:`~strategies.distill.Teacher.arch`)."""
         for i, (weight, t) in enumerate(self.groups[domain]):
+            if t.outputs is not None:
+                continue
             yield weight, self._net((domain, i), lambda t=t: _frozen(
-                self.model_cfg, {domain: t.num_classes},
+                self.model_cfg.for_arch(t.arch), {domain: t.num_classes},
                 {**encoder_of(t.state), **head_of(t.state, domain)}, self.device))
+
+    def teacher_outputs(self, domain: str, x: torch.Tensor, rows: torch.Tensor | None,
+                        chunk: int = 1024
+                        ) -> Iterator[tuple[float, torch.Tensor, torch.Tensor]]:
+        """``(weight, logits, features)`` of each teacher of ``domain`` on images ``x``, in
+        order (float32, on the job's device): a teacher given as weights runs on ``x``; one
+        given as pool outputs (``privacy.transfer: predictions``) gives its rows ``rows``
+        (the pool indices of ``x``'s images), and no network runs.
+
+        Raises
+        ------
+        DistillError
+            For a teacher of pool outputs without ``rows`` (a random view of the pool, which
+            it never saw), or whose outputs are not one row per pool image.
+        """
+        nets = self.teachers(domain)
+        for weight, t in self.groups[domain]:
+            if t.outputs is None:
+                _, net = next(nets)
+                out_l, out_f = [], []
+                for i in range(0, len(x), chunk):
+                    f = net.features(x[i:i + chunk].to(self.device)).float()
+                    out_f.append(f)
+                    out_l.append(net.heads[domain](f))
+                yield weight, torch.cat(out_l), torch.cat(out_f)
+                continue
+            if rows is None:
+                raise DistillError(f"teacher {t.cid}/{domain} is given as pool outputs, which "
+                                   "cover the plain pool images only (no random view)")
+            if len(t.outputs) != self.pool_size:
+                raise DistillError(f"teacher {t.cid}/{domain}: {len(t.outputs)} rows of pool "
+                                   f"outputs for a pool of {self.pool_size} images")
+            yield (weight, t.outputs.logits[domain][rows].float().to(self.device),
+                   t.outputs.features[rows].float().to(self.device))
 
     def relevance(self, pool_size: int) -> dict[str, torch.Tensor]:
         """Per taught domain with a teacher that has ``sample_weights``: ``(T, pool_size)``
@@ -188,9 +254,12 @@ def _scaled(weight: float | torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def frozen_outputs(models: FrozenModels, x: torch.Tensor, device: torch.device,
-                   chunk: int = 1024, relevance: dict[str, torch.Tensor] | None = None
-                   ) -> dict[str, dict[str, torch.Tensor]]:
+                   chunk: int = 1024, relevance: dict[str, torch.Tensor] | None = None,
+                   rows: torch.Tensor | None = None) -> dict[str, dict[str, torch.Tensor]]:
     """Teacher and previous-model outputs on ``x`` (float32, in chunks of ``chunk`` images).
+
+    ``rows`` are the pool indices of ``x``'s images, which teachers given as pool outputs
+    need (:meth:`FrozenModels.teacher_outputs`); ``None`` when ``x`` is a random view.
 
     ``relevance`` holds, per domain with sample weights, its teachers' normalised weights on
     the images of ``x`` (``(T, len(x))``, :meth:`FrozenModels.relevance`'s rows); those
@@ -213,14 +282,8 @@ def frozen_outputs(models: FrozenModels, x: torch.Tensor, device: torch.device,
         if relevance and domain in relevance:
             base = torch.tensor([w for w, _ in models.groups[domain]])
             mix, rho[domain] = domain_relevance(base, relevance[domain].to(device).float())
-        for i, (w_i, net) in enumerate(models.teachers(domain)):
+        for i, (w_i, lg, ft) in enumerate(models.teacher_outputs(domain, x, rows, chunk)):
             w = w_i if mix is None else mix[i]
-            out_l, out_f = [], []
-            for i in range(0, len(x), chunk):
-                f = net.features(x[i:i + chunk].to(device)).float()
-                out_f.append(f)
-                out_l.append(net.heads[domain](f))
-            lg, ft = torch.cat(out_l), torch.cat(out_f)
             p_sum = p_sum + _scaled(w, tempered_probs(lg, t, task))
             c_sum = c_sum + _scaled(w, confidence(lg, task))
             f_sum = f_sum + _scaled(w, ft)
@@ -342,6 +405,36 @@ def check_finite(state: dict[str, torch.Tensor], what: str) -> dict[str, torch.T
     return state
 
 
+@dataclass(frozen=True)
+class MAEPart:
+    """What the MAE term needs besides the student: the base's settings (decoder sizes,
+    mask ratio) and its decoder's weights (:func:`engine.train.mim.mae_decoder_state`)."""
+
+    pretrain: PretrainConfig
+    decoder: dict[str, torch.Tensor]
+
+
+def attach_mae(student: Student, part: MAEPart, model_cfg: ModelConfig,
+               precision: str) -> Student:
+    """``student`` with the MIM base's MAE tied to its encoder and the base's decoder
+    loaded (the encoder keeps the student's own weights).
+
+    Raises
+    ------
+    DistillError
+        When the decoder does not fit the MAE these settings build.
+    """
+    mae = tie_mae(build_mae(model_cfg, part.pretrain), student.net.encoder)
+    own = {k for k in mae.state_dict() if not k.startswith(("patch_embedding.", "blocks."))}
+    if set(part.decoder) != own:
+        raise DistillError(f"distill.mae_weight: the MIM base's decoder does not fit the MAE "
+                           f"of pretrain.* (missing {sorted(own - set(part.decoder))[:3]}, "
+                           f"extra {sorted(set(part.decoder) - own)[:3]})")
+    mae.load_state_dict(part.decoder, strict=False)
+    student.mae, student.patch_size, student.precision = mae, model_cfg.patch_size, precision
+    return student
+
+
 def _student(request: DistillRequest, model_cfg: ModelConfig, taught: list[str]) -> Student:
     check_heads(request)
     heads = {d: n for d, (_, n) in request.heads.items()}
@@ -353,12 +446,35 @@ def _student(request: DistillRequest, model_cfg: ModelConfig, taught: list[str])
             continue
         teachers = [t for t in request.teachers if t.domain == domain]
         for key in head_of(own, domain):
-            init[key] = torch.stack([t.state[key].float() for t in teachers]).mean(0)
+            # (teachers given as pool outputs, or of another encoder family, have no head of
+            # the student's shape: with none such, the head keeps its random initialisation)
+            fit = [t.state[key].float() for t in teachers
+                   if key in t.state and t.state[key].shape == own[key].shape]
+            if fit:
+                init[key] = torch.stack(fit).mean(0)
     missing = [k for k in own if k not in init and not is_head_key(k)]
     if missing:
         raise ValueError(f"student state lacks encoder tensors {missing[:3]}")
     net.load_state_dict(init, strict=False)
-    return Student(net, taught)
+    return Student(net, taught, widths=teacher_widths(request))
+
+
+def teacher_widths(request: DistillRequest) -> dict[str, int]:
+    """Per taught domain, the width of its teachers' features (the feature-matching
+    targets): the pool outputs' columns, else the input width of the domain's head."""
+    widths: dict[str, int] = {}
+    for t in request.teachers:
+        if t.outputs is not None:
+            width = int(t.outputs.features.shape[1])
+        else:
+            weight = [v for k, v in head_of(t.state, t.domain).items() if v.ndim == 2]
+            if not weight:
+                continue
+            width = int(weight[0].shape[1])
+        if widths.setdefault(t.domain, width) != width:
+            raise DistillError(f"the teachers of {t.domain} have features of widths "
+                               f"{widths[t.domain]} and {width}: one encoder family per domain")
+    return widths
 
 
 class DistillJob:
@@ -387,12 +503,15 @@ class DistillJob:
     precision
         ``train.precision`` of the experiment: the student's forward pass in training
         (:func:`engine.nn.precision.autocast_dtype`).
+    mae
+        The MIM base's settings and decoder, for the MAE term (``distill.mae_weight > 0``;
+        :class:`DistillError` when the weight is set and this is ``None``).
     """
 
     def __init__(self, request: DistillRequest, model_cfg: ModelConfig, x: torch.Tensor,
                  device: torch.device, *, rank: int = 0, world: int = 1,
                  wrap: Callable[[nn.Module], nn.Module] | None = None,
-                 precision: str = "auto") -> None:
+                 precision: str = "auto", mae: MAEPart | None = None) -> None:
         s = self.settings = request.settings
         torch.manual_seed(request.seed + rank)
         order = np.random.default_rng(request.seed).permutation(len(x))
@@ -406,6 +525,11 @@ class DistillJob:
         self.tasks = {d: task for d, (task, _) in request.heads.items()}
         # every frozen teacher is built once (in the same order either way)
         frozen = FrozenModels(request, model_cfg, device, keep=s.per_batch_targets)
+        frozen.pool_size = len(x)
+        if s.per_batch_targets and any(t.outputs is not None for t in request.teachers):
+            raise DistillError("distill.augment / distill.mixup_alpha need the teachers on "
+                               "each batch's random view; teachers given as pool outputs "
+                               "(privacy.transfer=predictions) cover the plain images only")
         # per-sample relevance: every teacher's normalised weights of this job's images
         # (held-out first, then this worker's share), or None (the default)
         pool_rel = frozen.relevance(len(x))
@@ -429,8 +553,8 @@ class DistillJob:
             self.view_rng = np.random.default_rng([request.seed, rank, 0x5EED])
         else:
             # the teachers are run over both slices once, in one pass
-            targets = (frozen_outputs(frozen, both, device) if rel is None
-                       else frozen_outputs(frozen, both, device, relevance=rel))
+            targets = (frozen_outputs(frozen, both, device, rows=rows_t) if rel is None
+                       else frozen_outputs(frozen, both, device, relevance=rel, rows=rows_t))
             self.hold_t = _rows(targets, slice(0, n_hold))
             self.train_t = _rows(targets, slice(n_hold, None))
             # (D, N): fixed per pool image, since the teachers' confidences never change
@@ -438,7 +562,14 @@ class DistillJob:
                                                         for d in self.taught]), s.weighting)
         del frozen
         self.retained = sorted(self.hold_t["previous"])
-        student = _student(request, model_cfg, self.taught).to(device)
+        student = _student(request, model_cfg, self.taught)
+        self.reconstruct = s.mae_weight > 0
+        if self.reconstruct:
+            if mae is None:
+                raise DistillError("distill.mae_weight > 0 needs the MIM base's decoder "
+                                   "(pretrain.method=mim); none was given to the trainer")
+            student = attach_mae(student, mae, model_cfg, precision)
+        student = student.to(device)
         self.module = wrap(student) if wrap is not None else student
         self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=s.lr,
                                            weight_decay=s.weight_decay)
@@ -447,6 +578,7 @@ class DistillJob:
         self.generator = torch.Generator().manual_seed(request.seed + 1000 * rank)
         self.precision = precision
         self.use_bf16 = autocast_dtype(precision, device) == torch.bfloat16
+        self.scaler = grad_scaler(precision, device)  # fp16 only (CUDA); None otherwise
 
     def step(self) -> dict[str, float]:
         """One optimiser step on a random batch; returns every named loss value
@@ -473,17 +605,16 @@ class DistillJob:
                  for name in ("probs", "feats", "relevance", "previous")}
             weights = self.weights[:, idx_d]
         with autocast(self.precision, self.device):
-            _, logits, projected = self.module(xb)
+            _, logits, projected, rec = self.module(xb, reconstruct=self.reconstruct)
         terms = distillation_loss(
             logits, projected,
             teacher_probs={d: t["probs"][d] for d in self.taught},
             teacher_features={d: t["feats"][d] for d in self.taught},
             previous_probs={d: t["previous"][d] for d in self.retained},
             weights=weights, tasks=self.tasks, settings=s,
-            sample_weights=t["relevance"] or None)
+            sample_weights=t["relevance"] or None, mae=rec)
         self.optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        self.optimizer.step()
+        optimizer_step(terms["loss"], self.optimizer, self.scaler)
         self.scheduler.step()
         return {name: float(value.detach()) for name, value in terms.items()}
 
@@ -494,7 +625,7 @@ class DistillJob:
         net.eval()
         out: dict[str, list[torch.Tensor]] = defaultdict(list)
         for i in range(0, len(self.x_hold), 1024):
-            _, logits, _ = net(self.x_hold[i:i + 1024].to(self.device))
+            _, logits, _, _ = net(self.x_hold[i:i + 1024].to(self.device))
             for d, v in logits.items():
                 out[d].append(v.float())
         logits = {d: torch.cat(v) for d, v in out.items()}
@@ -566,7 +697,8 @@ def distill_loop(config: dict[str, Any]) -> None:
                      ray.train.torch.get_device(), rank=ctx.get_world_rank(), world=world,
                      wrap=lambda m: ray.train.torch.prepare_model(
                          m, parallel_strategy_kwargs=kwargs),
-                     precision=str(config.get("precision", "auto")))
+                     precision=str(config.get("precision", "auto")),
+                     mae=config.get("mae"))
     job.run(lambda row, stop, payload: report({**row, "stopped": float(stop)}, payload))
 
 
@@ -588,19 +720,22 @@ class RayTrainDistiller(DistillService):
         so a Tune scheduler sees the distillation's intermediate results).
     precision
         The experiment's ``train.precision`` (:mod:`engine.nn.precision`).
+    mae
+        The MIM base's settings and decoder for the MAE term (``distill.mae_weight``).
     """
 
     def __init__(self, model: ModelConfig, data: DataConfig, storage_path: str, *,
                  scaling: TrainScaling | None = None,
                  callbacks: Callable[[DistillRequest], list[Any]] | None = None,
-                 precision: str = "auto") -> None:
-        autocast_dtype(precision, "cpu")  # a bad name fails here, not in a Train worker
+                 precision: str = "auto", mae: MAEPart | None = None) -> None:
+        check_precision(precision)  # a bad name fails here, not in a Train worker
         self.model = model
         self.data = data
         self.storage_path = storage_path
         self.scaling = scaling or TrainScaling()
         self.callbacks = callbacks
         self.precision = precision
+        self.mae = mae
 
     def distil(self, request: DistillRequest) -> DistillResult:
         """Distil ``request`` on a ``TorchTrainer``; the student must come back finite.
@@ -618,13 +753,15 @@ class RayTrainDistiller(DistillService):
             raise ValueError("distillation needs at least one teacher")
         check_heads(request)
         result = fit_trainer(distill_loop, {"request": request, "model": self.model,
-                                            "data": self.data, "precision": self.precision},
+                                            "data": self.data, "precision": self.precision,
+                                            "mae": self.mae},
                              num_workers=s.num_workers, use_gpu=s.use_gpu,
                              storage_path=self.storage_path, name=request.tag,
                              knob="distill",
                              callbacks=self.callbacks(request) if self.callbacks else None,
                              cpus_per_worker=s.cpus_per_worker,
-                             gpus_per_worker=s.gpus_per_worker)
+                             gpus_per_worker=s.gpus_per_worker,
+                             steps=request.settings.steps)
         if result.checkpoint is None:
             raise DistillError(f"distillation {request.tag}: the job reported no student (its "
                                "agreement was never a number: a non-finite student?)")

@@ -7,6 +7,7 @@ jobs share: the resource check, the launch, and reading a model back from a chec
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import tempfile
@@ -20,6 +21,7 @@ import torch
 
 from engine.cluster.resources import ResourceError
 from engine.config.plugins import Plugins, install
+from engine.records.progress import current
 
 MODEL_FILE = "model.pt"
 PLUGINS_KEY = "__plugins"
@@ -60,7 +62,8 @@ def check_train_resources(num_workers: int, use_gpu: bool, *, knob: str,
 def fit_trainer(loop: Callable[[dict[str, Any]], None], config: Mapping[str, Any], *,
                 num_workers: int, use_gpu: bool, storage_path: str, name: str,
                 knob: str, callbacks: list[Any] | None = None,
-                cpus_per_worker: float = 1.0, gpus_per_worker: float = 1.0) -> Any:
+                cpus_per_worker: float = 1.0, gpus_per_worker: float = 1.0,
+                steps: int | None = None) -> Any:
     """Run ``loop`` on a ``TorchTrainer`` and return its ``ray.train.Result``.
 
     Parameters
@@ -77,14 +80,36 @@ def fit_trainer(loop: Callable[[dict[str, Any]], None], config: Mapping[str, Any
         Config section named in resource errors (``distill`` or ``pretrain``).
     callbacks
         Ray Train callbacks (e.g. Tune's ``TuneReportCallback``).
+    steps
+        How many epochs / steps the job reports at most, for the progress display. While
+        a display is open (:func:`engine.records.progress.current`) every report of the
+        job reaches it live (:mod:`engine.train.feed`).
     """
-    import ray.train
-    from ray.train.torch import TorchTrainer
+    from engine.train.feed import follow
 
     check_train_resources(num_workers, use_gpu, knob=knob, cpus_per_worker=cpus_per_worker,
                           gpus_per_worker=gpus_per_worker)
     resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if use_gpu else {})}
     path, filesystem = train_storage(storage_path)
+    display = current()
+    if display.enabled:
+        display.task(f"{knob} job {name}", steps or 0)
+    with (follow(lambda row: display.train_report(knob, name, row)) if display.enabled
+          else contextlib.nullcontext()) as feed:
+        return _fit(loop, config, num_workers=num_workers, use_gpu=use_gpu,
+                    resources=resources, path=path, filesystem=filesystem, name=name,
+                    knob=knob, callbacks=[*(callbacks or []), *([feed] if feed else [])],
+                    cpus_per_worker=cpus_per_worker)
+
+
+def _fit(loop: Callable[[dict[str, Any]], None], config: Mapping[str, Any],
+         *, num_workers: int, use_gpu: bool, resources: dict[str, float], path: str,
+         filesystem: pafs.FileSystem | None, name: str, knob: str, callbacks: list[Any],
+         cpus_per_worker: float) -> Any:
+    """Build the ``TorchTrainer`` of :func:`fit_trainer` and fit it."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
     trainer = TorchTrainer(
         _with_threads(loop, max(1, int(cpus_per_worker))),
         train_loop_config={**config, PLUGINS_KEY: Plugins.capture() or None},
@@ -92,7 +117,7 @@ def fit_trainer(loop: Callable[[dict[str, Any]], None], config: Mapping[str, Any
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=name, storage_path=path, storage_filesystem=filesystem,
-            callbacks=callbacks or [],
+            callbacks=callbacks,
             failure_config=ray.train.FailureConfig(max_failures=0),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=1)))  # the latest checkpoint

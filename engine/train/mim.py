@@ -25,13 +25,15 @@ import torch
 
 from engine.config import DataConfig, ModelConfig, PretrainConfig, TrainScaling, to_dict
 from engine.data.unify import UNIFIED_CHANNELS, UNIFIED_SIZE
-from engine.nn.precision import autocast
+from engine.nn.precision import autocast, grad_scaler, optimizer_step
 from engine.records.storage import Storage
 from engine.train.launch import fit_trainer, load_checkpoint_state, report, unwrap
 from strategies.state import encoder_key
 
 logger = logging.getLogger(__name__)
 CURVE_KEY = "_curve"
+DECODER_PREFIX = "mae_decoder."
+"""Prefix of the MAE's own tensors (decoder, mask and class tokens) in a Train checkpoint."""
 
 
 def _as_float32(module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
@@ -78,6 +80,23 @@ def mae_to_encoder(state: dict[str, torch.Tensor], num_layers: int) -> dict[str,
             continue
         out[encoder_key(f"vit.{key}")] = value.detach().clone()
     return out
+
+
+def mae_decoder_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The MAE's tensors that are not the encoder's (class token, decoder, mask tokens):
+    what :func:`mae_to_encoder` drops, under their MAE names."""
+    return {k: v.detach().clone() for k, v in state.items()
+            if not k.startswith(("patch_embedding.", "blocks."))}
+
+
+def tie_mae(mae: torch.nn.Module, encoder: torch.nn.Module) -> torch.nn.Module:
+    """``mae`` whose encoder modules *are* those of the umim ViT ``encoder``
+    (:class:`engine.nn.models.ViTEncoder`, keys ``vit.*``): its patch embedding, and its
+    blocks followed by the final norm. The MAE's loss then trains the encoder itself."""
+    vit = encoder.vit
+    mae.patch_embedding = vit.patch_embedding
+    mae.blocks = torch.nn.Sequential(*vit.blocks, vit.norm)
+    return mae
 
 
 def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
@@ -152,12 +171,13 @@ def mae_loss(mae: torch.nn.Module, batch: torch.Tensor, patch_size: int, precisi
 
 
 def mim_step(mae: torch.nn.Module, batch: torch.Tensor, patch_size: int,
-             optimizer: torch.optim.Optimizer, scheduler: Any, precision: str) -> float:
-    """One optimiser (and schedule) step of the MAE on ``batch``; returns the loss."""
+             optimizer: torch.optim.Optimizer, scheduler: Any, precision: str, *,
+             scaler: torch.amp.GradScaler | None = None) -> float:
+    """One optimiser (and schedule) step of the MAE on ``batch``; returns the loss
+    (``scaler``: fp16's loss scaler, :func:`~engine.nn.precision.grad_scaler`)."""
     loss = mae_loss(mae, batch, patch_size, precision)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    optimizer_step(loss, optimizer, scaler)
     scheduler.step()
     return float(loss.detach())
 
@@ -188,6 +208,7 @@ def mim_loop(config: dict[str, Any]) -> None:
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr,
                                                     total_steps=cfg.epochs * steps,
                                                     pct_start=0.1)
+    scaler = grad_scaler(precision, device)  # fp16 only (CUDA); None otherwise
     curve: list[float] = []
     for epoch in range(cfg.epochs):
         mae.train()
@@ -196,11 +217,13 @@ def mim_loop(config: dict[str, Any]) -> None:
         for step in range(steps):
             batch = x[order[step * cfg.batch_size:(step + 1) * cfg.batch_size]].to(device)
             losses.append(mim_step(mae, batch, model_cfg.patch_size, optimizer, scheduler,
-                                   precision))
+                                   precision, scaler=scaler))
         curve.append(float(np.mean(losses)))
         state = None
         if epoch == cfg.epochs - 1:
-            state = {**mae_to_encoder(unwrap(mae).state_dict(), model_cfg.num_layers),
+            full = unwrap(mae).state_dict()
+            state = {**mae_to_encoder(full, model_cfg.num_layers),
+                     **{DECODER_PREFIX + k: v for k, v in mae_decoder_state(full).items()},
                      CURVE_KEY: torch.tensor(curve)}
         report({"epoch": epoch + 1, "mim_loss": curve[-1]}, state)
 
@@ -228,7 +251,19 @@ def base_fingerprint(model: ModelConfig, pretrain: PretrainConfig, pool_path: Pa
 def pretrained_base(model: ModelConfig, pretrain: PretrainConfig, data: DataConfig, seed: int,
                     *, precision: str = "auto", run: Storage | None = None
                     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The MIM base encoder: from the cache, or trained now on Ray Train and cached.
+    """The MIM base encoder: from the cache, or trained now on Ray Train and cached (see
+    :func:`pretrained_mae`, which also gives its decoder)."""
+    state, _, info = pretrained_mae(model, pretrain, data, seed, precision=precision, run=run)
+    return state, info
+
+
+def pretrained_mae(model: ModelConfig, pretrain: PretrainConfig, data: DataConfig, seed: int,
+                   *, precision: str = "auto", run: Storage | None = None,
+                   decoder: bool = False
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None,
+                              dict[str, Any]]:
+    """The MIM base encoder (and its MAE decoder): from the cache, or trained now on Ray
+    Train and cached.
 
     Parameters
     ----------
@@ -241,11 +276,16 @@ def pretrained_base(model: ModelConfig, pretrain: PretrainConfig, data: DataConf
         ``<run>/base/`` (weights, then ``meta.json``) and its Train job writes under
         ``<run>/train/mim-<fingerprint>``; otherwise (local, or ``None``) the base is
         cached under ``<cache_dir>/bases/<fingerprint>/``.
+    decoder
+        Also return the MAE's decoder (:func:`mae_decoder_state`, kept as ``decoder.pt``
+        beside the encoder); a cached base without one (made before decoders were kept) is
+        pretrained again.
 
     Returns
     -------
     tuple
-        The encoder state (``encoder.*`` keys) and facts about it (loss curve, path).
+        The encoder state (``encoder.*`` keys), the decoder state (``None`` unless
+        ``decoder``) and facts about the base (loss curve, path).
     """
     from engine.fl.client import shard_builder
 
@@ -263,25 +303,35 @@ def pretrained_base(model: ModelConfig, pretrain: PretrainConfig, data: DataConf
         store, rel, where = Storage(folder.parent), fingerprint, str(folder)
         train_path, train_name = str(cache_dir / "bases" / "ray-train"), fingerprint
     weights, meta_file = f"{rel}/encoder.pt", f"{rel}/meta.json"
+    decoder_file = f"{rel}/decoder.pt"
     if store.exists(weights) and store.exists(meta_file):
         meta = json.loads(store.read_text(meta_file))
-        if meta.get("fingerprint") == fingerprint:
+        if meta.get("fingerprint") == fingerprint and (not decoder
+                                                       or store.exists(decoder_file)):
             logger.info("reusing the MIM base %s", where)
             state = torch.load(io.BytesIO(store.read_bytes(weights)), weights_only=True)
-            return state, {**meta, "cached": True}
+            dec = (torch.load(io.BytesIO(store.read_bytes(decoder_file)), weights_only=True)
+                   if decoder else None)
+            return state, dec, {**meta, "cached": True}
+        if meta.get("fingerprint") == fingerprint:
+            logger.info("the cached MIM base %s has no MAE decoder (made before decoders "
+                        "were kept): pretraining it again", where)
     logger.info("pretraining the MIM base (%d epochs) into %s", pretrain.epochs, where)
     result = fit_trainer(mim_loop, {"model": model, "pretrain": pretrain, "data": data,
                                     "seed": seed, "precision": precision},
                          num_workers=pretrain.num_workers, use_gpu=pretrain.use_gpu,
                          storage_path=train_path, name=train_name, knob="pretrain",
                          cpus_per_worker=pretrain.cpus_per_worker,
-                         gpus_per_worker=pretrain.gpus_per_worker)
+                         gpus_per_worker=pretrain.gpus_per_worker, steps=pretrain.epochs)
     state = load_checkpoint_state(result.checkpoint)
     curve = [{"epoch": i + 1, "mim_loss": float(v)} for i, v in enumerate(state.pop(CURVE_KEY))]
+    dec = {k[len(DECODER_PREFIX):]: state.pop(k) for k in list(state)
+           if k.startswith(DECODER_PREFIX)}
     meta = {"path": where, "curve": curve, "fingerprint": fingerprint}
-    buf = io.BytesIO()
-    torch.save(state, buf)
     # weights first, then meta: a reader that sees both sees both whole
-    store.write_bytes(weights, buf.getvalue())
+    for path, tensors in ((weights, state), (decoder_file, dec)):
+        buf = io.BytesIO()
+        torch.save(tensors, buf)
+        store.write_bytes(path, buf.getvalue())
     store.write_text(meta_file, json.dumps(meta))
-    return state, {**meta, "cached": False}
+    return state, (dec if decoder else None), {**meta, "cached": False}

@@ -1,9 +1,13 @@
 """The sweep's driver: builds the ``Tuner`` (Optuna search, ASHA or FIFO) and runs it.
 
 Each trial is :func:`engine.tune.trial.run_trial`; no Trainer object is ever handed to the
-``Tuner``. The Optuna study lives in the searcher, which Tune checkpoints with its
-experiment state (``tune/``), so ``umim sweep --resume DIR`` continues without re-running
-finished trials. The outputs are written by :func:`engine.tune.outputs.write_outputs`.
+``Tuner``. The Optuna study lives in ``optuna.db`` from the first trial
+(:class:`engine.tune.search.LiveOptunaSearch`), so ``optuna-dashboard`` can follow the
+sweep; Tune checkpoints the searcher (which holds the study's trials by Tune trial id) with
+its experiment state (``tune/``), so ``umim sweep --resume DIR`` continues without
+re-running finished trials. The outputs are written by
+:func:`engine.tune.outputs.write_outputs`; :func:`sweep` returns a
+:class:`engine.tune.result.SweepResult` (Tune's ``ResultGrid`` and the summary).
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ from engine.cluster.resources import concurrent_trials
 from engine.config import ExperimentConfig, from_dict, to_dict
 from engine.config.loader import ConfigError
 from engine.config.plugins import Plugins
-from engine.tune.names import METRIC, TIME_ATTR
+from engine.tune.names import METRIC, TIME_ATTR, study_url
 from engine.tune.outputs import write_outputs
+from engine.tune.result import SweepResult
 from engine.tune.schema import SweepConfig, get_dotted, load_sweep
 from engine.tune.space import tune_space
 from engine.tune.trial import run_trial
@@ -54,9 +59,9 @@ def _tuner(sweep: SweepConfig, base: Mapping[str, Any], folder: Path, *,
     """
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
     from engine.cluster.connect import alive_nodes
+    from engine.tune.search import LiveOptunaSearch
 
     cfg = from_dict(ExperimentConfig, base)
     concurrent = sweep.search.max_concurrent_trials or concurrent_trials(cfg, alive_nodes())
@@ -69,14 +74,14 @@ def _tuner(sweep: SweepConfig, base: Mapping[str, Any], folder: Path, *,
         logger.info("resuming the sweep in %s", folder)
         return tune.Tuner.restore(str(folder / "tune" / sweep.name), trainable,
                                   resume_unfinished=True, resume_errored=False)
-    # The study lives in the searcher, which Tune checkpoints with the experiment state, so
-    # both always agree on which trials finished; write_outputs exports the trials to optuna.db.
+    # The study lives in optuna.db (live for optuna-dashboard); the searcher, which maps Tune
+    # trials to the study's trials, is checkpointed with the experiment state.
     default = {k: get_dotted(base, k) for k in sweep.space}
     points = ([default] if sweep.search.include_default else []) + [
         {**default, **p} for p in sweep.search.points_to_evaluate]
-    searcher = OptunaSearch(metric=METRIC, mode="max", seed=sweep.search.seed,
-                            study_name=sweep.name, points_to_evaluate=points or None)
     rounds = cfg.planned_rounds()
+    searcher = LiveOptunaSearch(folder, study_name=sweep.name, rounds=rounds,
+                                seed=sweep.search.seed, points_to_evaluate=points or None)
     scheduler = (ASHAScheduler(time_attr=TIME_ATTR, metric=METRIC, mode="max",
                                max_t=max(rounds, 1), grace_period=sweep.search.grace_period,
                                reduction_factor=sweep.search.reduction_factor,
@@ -100,14 +105,24 @@ def _tuner(sweep: SweepConfig, base: Mapping[str, Any], folder: Path, *,
         run_config=tune.RunConfig(name=sweep.name, storage_path=str(folder / "tune"),
                                   failure_config=tune.FailureConfig(max_failures=0,
                                                                     fail_fast=False),
+                                  callbacks=_tracking_callbacks(base, folder, sweep.name),
                                   verbose=verbose))
+
+
+def _tracking_callbacks(base: Mapping[str, Any], folder: Path, name: str) -> list[Any]:
+    """MLflow's Tune callback when the base has ``run.tracking: mlflow``
+    (:func:`engine.run.tracking.sweep_callback`), else none."""
+    from engine.run.tracking import sweep_callback
+
+    callback = sweep_callback(base, folder, name, metric=METRIC, time_attr=TIME_ATTR)
+    return [callback] if callback is not None else []
 
 
 def sweep(sweep_file: str | os.PathLike[str] | None = None, overrides: Sequence[str] = (),
           *, out: str | os.PathLike[str] | None = None,
           resume: str | os.PathLike[str] | None = None,
           data_root: str | None = None, cache_dir: str | None = None,
-          address: str | None = None, quiet: bool = False) -> dict[str, Any]:
+          address: str | None = None, quiet: bool = False) -> SweepResult:
     """Run (or resume) a sweep and write its outputs.
 
     Parameters
@@ -132,8 +147,10 @@ def sweep(sweep_file: str | os.PathLike[str] | None = None, overrides: Sequence[
 
     Returns
     -------
-    dict
-        The summary: best trial, its parameters and objective, counts by state.
+    SweepResult
+        Tune's ``ResultGrid`` (``result.grid``; ``result.get_dataframe()`` is its DataFrame),
+        the summary (``result.summary``: best trial, its parameters and objective, counts by
+        state) and the study's URL (``result.study_url``, ``result.load_study()``).
     """
     from engine.cluster.connect import connect
     from engine.run.session import machine_paths
@@ -166,4 +183,6 @@ def sweep(sweep_file: str | os.PathLike[str] | None = None, overrides: Sequence[
     tuner = _tuner(sweep_cfg, base, folder, restore=resume is not None, paths=paths,
                    verbose=0 if quiet else 1)
     grid = tuner.fit()
-    return write_outputs(folder, sweep_cfg, base, grid)
+    summary = write_outputs(folder, sweep_cfg, base, grid)
+    return SweepResult(grid=grid, summary=summary, dir=str(folder), study_url=study_url(folder),
+                       study_name=sweep_cfg.name)

@@ -1,8 +1,9 @@
 """What a finished (or resumed and finished) sweep leaves in its directory.
 
 ``trials.parquet`` (one row per trial: params, metrics, state, error), ``best.yaml`` (a
-config ``umim run`` accepts), ``objective.png``, ``importance.png`` / ``importance.json``,
-the trials exported to an Optuna study (``optuna.db``) and ``summary.json``.
+config ``umim run`` accepts), ``objective.png``, ``importance.png`` / ``importance.json``
+(fANOVA on the live Optuna study in ``optuna.db``, see :mod:`engine.tune.search`) and
+``summary.json``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import yaml
 
 from engine.config import ExperimentConfig, from_dict, to_dict
-from engine.tune.names import CHANCE_AUC, METRIC
+from engine.tune.names import CHANCE_AUC, METRIC, study_url
 from engine.tune.schema import SweepConfig, get_dotted, trial_config
 from engine.tune.space import optuna_distributions
 
@@ -75,8 +76,12 @@ def write_outputs(folder: Path, sweep_cfg: SweepConfig, base: Mapping[str, Any],
                      **{f"param:{k}": v for k, v in params.items()},
                      **{k: v for k, v in metrics.items() if k.startswith("val_auc/")}})
     rows.sort(key=lambda r: r["trial_id"])
+    # every row gets every column (from_pylist would keep only the first row's keys: a
+    # failed or stopped first trial would drop the domains it never scored)
+    columns = list(dict.fromkeys(k for r in rows for k in r))
     table = pa.Table.from_pylist([{k: (str(v) if isinstance(v, list | dict) else v)
-                                   for k, v in r.items()} for r in rows])
+                                   for k, v in ((k, r.get(k)) for k in columns)}
+                                  for r in rows])
     pq.write_table(table, folder / "trials.parquet")
     done = [r for r in rows if r["state"] == "completed" and r["objective"] is not None]
     best = max(done, key=lambda r: r["objective"]) if done else None
@@ -141,7 +146,7 @@ def _plots(folder: Path, rows: list[dict[str, Any]], sweep_cfg: SweepConfig) -> 
     ax.plot(xs, [b if b is not None else math.nan for b in bests], color="k", lw=1,
             label="best completed")
     ax.set_xlabel("trial")
-    ax.set_ylabel("mean val AUC (global model)")
+    ax.set_ylabel("objective: mean val AUC, all domains")
     ax.set_title(f"{sweep_cfg.name}: objective (blue done, orange stopped, x failed)",
                  fontsize=9)
     ax.legend(fontsize=7)
@@ -166,13 +171,44 @@ def _plots(folder: Path, rows: list[dict[str, Any]], sweep_cfg: SweepConfig) -> 
 
 def _importance(folder: Path, sweep_cfg: SweepConfig, rows: list[dict[str, Any]]
                 ) -> dict[str, float]:
-    """Export the trials to an Optuna study in ``optuna.db`` and rank the parameters."""
+    """Rank the parameters on the sweep's Optuna study (fANOVA over its completed trials).
+
+    The study is the live one the searcher wrote; a trial still ``RUNNING`` in it once the
+    sweep is over was lost by a driver killed between asking for it and saving its state,
+    and is marked ``FAIL``. A sweep directory from before studies were live has none: its
+    trials are exported to ``optuna.db`` first.
+    """
+    import optuna
+
+    url = study_url(folder)
+    try:
+        study = optuna.load_study(study_name=sweep_cfg.name, storage=url)
+    except KeyError:
+        logger.warning("%s holds no live study %r (an older sweep): exporting the trials",
+                       url, sweep_cfg.name)
+        study = _export(folder, sweep_cfg, rows)
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        logger.warning("Optuna trial %d was left running by a killed driver: marked failed",
+                       trial.number)
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if len(complete) < 2:
+        return {}
+    try:
+        return {k: float(v) for k, v in optuna.importance.get_param_importances(study).items()}
+    except (RuntimeError, ValueError) as err:
+        logger.warning("parameter importance unavailable: %s", err)
+        return {}
+
+
+def _export(folder: Path, sweep_cfg: SweepConfig, rows: list[dict[str, Any]]) -> Any:
+    """The trials as a new Optuna study in ``optuna.db`` (for sweeps without a live one)."""
     import optuna
 
     path = folder / "optuna.db"
     path.unlink(missing_ok=True)
     study = optuna.create_study(study_name=sweep_cfg.name, direction="maximize",
-                                storage=f"sqlite:///{path}")
+                                storage=study_url(folder))
     distributions = optuna_distributions(sweep_cfg.space)
     states = {"completed": optuna.trial.TrialState.COMPLETE,
               "stopped": optuna.trial.TrialState.PRUNED,
@@ -187,11 +223,4 @@ def _importance(folder: Path, sweep_cfg: SweepConfig, rows: list[dict[str, Any]]
                 state=states[r["state"]], user_attrs={"trial_id": r["trial_id"]}))
         except ValueError as err:  # e.g. a value outside the declared range
             logger.warning("trial %s not exported to optuna.db: %s", r["trial_id"], err)
-    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    if len(complete) < 2:
-        return {}
-    try:
-        return {k: float(v) for k, v in optuna.importance.get_param_importances(study).items()}
-    except (RuntimeError, ValueError) as err:
-        logger.warning("parameter importance unavailable: %s", err)
-        return {}
+    return study

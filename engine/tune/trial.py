@@ -1,10 +1,12 @@
 """Inside a trial: the Tune function trainable and the callbacks that report to Tune.
 
-Every round reports the objective (:data:`~engine.tune.names.METRIC`) after its federated
-validation; every distillation is a Ray Train ``TorchTrainer`` whose reports reach Tune
-through ``TuneReportCallback``, so ASHA sees intermediate results. Ray is imported inside
-the functions: Tune pickles :func:`run_trial` by reference, so this module must import
-cleanly in the trial's worker process.
+Every round reports the objective (:data:`~engine.tune.names.METRIC`, defined in
+:mod:`engine.tune.objective`) after its federated validation, with the round as
+:data:`~engine.tune.names.VALIDATED_ROUND`; every distillation is a Ray Train
+``TorchTrainer`` whose reports reach Tune through ``TuneReportCallback``, so ASHA sees
+intermediate results. Ray is imported inside the functions: Tune pickles
+:func:`run_trial` by reference, so this module must import cleanly in the trial's worker
+process.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import yaml
 
 from engine.config import to_dict
 from engine.config.plugins import Plugins, install
-from engine.tune.names import CHANCE_AUC, METRIC, TIME_ATTR
+from engine.tune.names import CHANCE_AUC, METRIC, TIME_ATTR, VALIDATED_ROUND
+from engine.tune.objective import objective
 from engine.tune.schema import trial_config
 
 
@@ -31,7 +34,8 @@ def _round_reporter() -> Any:
     -------
     RoundReporter
         An ``engine.fl.simulation.Callback``; ``last`` is the objective so far (chance
-        level before the first validation) and ``round`` the last round it saw.
+        level before the first validation, see :mod:`engine.tune.objective`) and ``round``
+        the last round it saw.
     """
     from ray import tune
 
@@ -46,11 +50,12 @@ def _round_reporter() -> Any:
 
         def on_round_end(self, sim: Simulation, server_round: int) -> None:
             per_domain = sim.val_auc(server_round)
-            if per_domain:
-                self.last = sum(per_domain.values()) / len(per_domain)
+            if per_domain:  # a round without validation keeps the objective so far
+                self.last = objective(per_domain, sim.cfg.data.domains)
             self.round = server_round
             tune.report({METRIC: self.last, TIME_ATTR: float(server_round),
                          "rounds_done": server_round,
+                         VALIDATED_ROUND: server_round if per_domain else 0,
                          **{f"val_auc/{d}": v for d, v in per_domain.items()}})
 
     return RoundReporter()
@@ -84,6 +89,7 @@ def _distill_callbacks(reporter: Any) -> Callable[[Any], list[Any]]:
             first = dict(metrics[0])
             extra = self.extra
             first.update({METRIC: extra["objective"], "rounds_done": extra["round"] - 1,
+                          VALIDATED_ROUND: 0,
                           # below the round's own milestone, which its validation reaches
                           TIME_ATTR: extra["round"] - 1
                           + first.get("step", 0) / (extra["steps"] + 1)})

@@ -31,6 +31,7 @@ OVERRIDES = [
     "evaluation.lodo_domains=[breast]", "evaluation.baselines=[fedavg,local]",
     "evaluation.select_round=best_val",
     "evaluation.primary={a: main, b: base, mode: linear_probe}",
+    "evaluation.privacy_audit=true",
 ]
 
 
@@ -126,3 +127,45 @@ def test_the_report_states_the_protocol(study: tuple[Path, Path, Any]) -> None:
                  "(domain, replicate) units", "Holm p", "95% CI"):
         assert text in report, text
     assert (out / "distill_curves.png").exists()
+
+
+def test_the_audit_attacks_every_artefact_at_every_client(study: tuple[Path, Path, Any]
+                                                          ) -> None:
+    out, _, _ = study
+    clients = {"breast", "pneumonia", "ct-region"}
+    for r in (0, 1):  # the teachers the clients returned were kept, and the step is marked
+        kept = out / "replicates" / str(r) / "audit" / "teachers"
+        assert {p.stem for p in kept.glob("*.pt")} == clients
+        info = json.loads((out / "progress" / f"r{r}-audit.done").read_text())
+        assert info["artefacts"] == {"teacher": 3, "universal": 3, "fedavg": 3, "local": 3}
+        assert info["failures"] == [] and info["missing"] == {}
+    rows = pq.read_table(out / "results.parquet").to_pylist()
+    audit = [r for r in rows if r["method"].startswith("audit:")]
+    for method in ("audit:teacher", "audit:universal", "audit:fedavg", "audit:local"):
+        mine = [r for r in audit if r["method"] == method]
+        assert {(r["client"], r["replicate"]) for r in mine} == {(c, k) for c in clients
+                                                                 for k in (0, 1)}, method
+        assert all(0.0 <= r["value"] <= 1.0 for r in mine if r["metric"] != "mia_n")
+        assert {r["value"] for r in mine if r["metric"] == "mia_n"} == {32.0}  # min(64, 32)
+    # the audited global models are the ones the study reports: same test AUC per client
+    for name in ("universal", "fedavg"):
+        test = {(r["client"], r["replicate"]): r["value"] for r in rows
+                if r["method"] == name and r["metric"] == "auc"}
+        audited = {(r["client"], r["replicate"]): r["value"] for r in audit
+                   if r["method"] == f"audit:{name}" and r["metric"] == "utility_auc"}
+        assert audited.keys() == test.keys()
+        assert all(abs(audited[k] - test[k]) < 1e-6 for k in test), (name, audited, test)
+    teacher = {(r["client"], r["replicate"]): r["value"] for r in audit
+               if r["method"] == "audit:teacher" and r["metric"] == "mia_auc"}
+    glob = {(r["client"], r["replicate"]): r["value"] for r in audit
+            if r["method"] == "audit:universal" and r["metric"] == "mia_auc"}
+    assert teacher != glob  # two different models were attacked
+    privacy = json.loads((out / "summary.json").read_text())["privacy"]
+    assert privacy["transfer"] == "weights" and set(privacy["domains"]) == clients
+    assert set(privacy["domains"]["breast"]) == {"teacher", "universal", "fedavg", "local"}
+    assert privacy["domains"]["breast"]["teacher"]["mia_auc"]["n"] == 2  # two replicates
+    assert cli(["report", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    for text in ("## Privacy: membership-inference audit", "`privacy.transfer: weights`",
+                 "| teacher | left the client (weights) |", "### ct-region"):
+        assert text in report, text

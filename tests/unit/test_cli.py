@@ -60,9 +60,10 @@ def fake_study(monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
                "mean_test_auc": 0.5}
 
     def run(cfg: Any, *, out: Any = None, data_root: str | None = None,
-            cache_dir: str | None = None, quiet: bool = False, callbacks: Any = ()) -> Any:
+            cache_dir: str | None = None, quiet: bool = False, callbacks: Any = (),
+            config_file: Any = None) -> Any:
         calls.run = {"cfg": cfg, "out": out, "data_root": data_root, "cache_dir": cache_dir,
-                     "quiet": quiet}
+                     "quiet": quiet, "config_file": config_file}
         if calls.action:
             calls.action(out)
         return SimpleNamespace(run_dir=str(out), summary=summary)
@@ -125,6 +126,7 @@ def test_run_passes_flags(tmp_path: Path, fake_study: SimpleNamespace,
                  "--cache-dir", str(tmp_path / "c"), "--address", "auto", "--quiet"]) == 0
     call = fake_study.run
     assert call["out"] == str(out) and call["quiet"] is True
+    assert call["config_file"] == SMOKE  # recorded in origin.json (the report's sweep link)
     assert call["data_root"] == str(tmp_path / "d") and call["cache_dir"] == str(tmp_path / "c")
     cfg = call["cfg"]
     assert cfg.run.address == "auto"
@@ -350,7 +352,8 @@ def test_strategies_lists_options_and_needs(capsys: pytest.CaptureFixture[str]) 
     assert main(["strategies", "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     assert rows["fedprox"]["options"] == {"proximal_mu": 0.01}
-    assert rows["universal"]["declares"] == {"pooled": False, "distils": True}
+    assert rows["universal"]["declares"] == {"pooled": False, "distils": True,
+                                             "predicts": True, "heterogeneous": True}
     assert rows["centralised"]["declares"]["pooled"] and rows["fedavg"]["options"] == {}
     assert rows["universal"]["options"]["local_epochs"] is None
     assert rows["fedavg"]["doc"].startswith("Federated averaging")
@@ -361,11 +364,12 @@ def test_sweep_flags_reach_the_engine(tmp_path: Path, monkeypatch: pytest.Monkey
     seen: dict[str, Any] = {}
 
     def sweep(sweep_file: Any = None, overrides: Any = (), *, out: Any = None,
-              resume: Any = None, data_root: str | None = None) -> dict[str, Any]:
+              resume: Any = None, data_root: str | None = None) -> Any:
         seen.update(file=sweep_file, overrides=list(overrides), out=out, data_root=data_root,
                     cache=os.environ.get("UMIM_CACHE_DIR"),
                     address=os.environ.get("RAY_ADDRESS"))
-        return {"best": None}
+        return types.SimpleNamespace(summary={"best": None},
+                                     study_url="sqlite:///S/optuna.db")
 
     module = types.ModuleType("engine.tune")
     module.sweep = sweep  # type: ignore[attr-defined]
@@ -380,4 +384,5 @@ def test_sweep_flags_reach_the_engine(tmp_path: Path, monkeypatch: pytest.Monkey
     assert seen == {"file": "s.yaml", "overrides": ["search.num_samples=2"],
                     "out": str(tmp_path), "data_root": "D", "cache": "C", "address": "A"}
     assert "UMIM_CACHE_DIR" not in os.environ and "RAY_ADDRESS" not in os.environ
-    assert '"best": null' in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert '"best": null' in out and "optuna-dashboard sqlite:///S/optuna.db" in out

@@ -21,7 +21,7 @@ def test_state_changes_are_refused_naming_the_key() -> None:
 def test_placement_and_extensions_are_allowed() -> None:
     changes = _changes("clients.num_actors=4", "run.checkpoint_every=2",
                        "distill.num_workers=2", "data.data_root=/elsewhere",
-                       "evaluation.baselines=[fedavg]")
+                       "evaluation.baselines=[fedavg]", "evaluation.privacy_audit=true")
     allowed, refused = classify_changes(changes, ["main"])
     assert refused == {} and set(allowed) == set(changes)
 

@@ -58,8 +58,8 @@ def _record(client: Client) -> tuple[list[float], list[float]]:
     norms: list[float] = []
     build = client._optimizer
 
-    def optimizer(lr: float) -> torch.optim.Optimizer:
-        opt = build(lr)
+    def optimizer(lr: float, dp: object = None) -> torch.optim.Optimizer:
+        opt = build(lr, dp)
 
         def seen(o: torch.optim.Optimizer, args: object, kwargs: object) -> None:
             lrs.append(o.param_groups[0]["lr"])

@@ -32,7 +32,8 @@ from strategies.types import FitIns, FitRes
 TINY = ModelConfig(hidden_size=32, mlp_dim=64, num_layers=1, num_heads=2)
 TRAIN = TrainConfig(batch_size=32, lr=1e-3, local_epochs=1)
 DOMAINS = ("ct-region", "mr-xr")
-FITRES_FIELDS = {"cid", "state", "num_examples", "metrics"}  # before pool scores
+FITRES_FIELDS = {"cid", "state", "num_examples", "metrics",  # before pool scores
+                 "pool_outputs"}  # (None unless privacy.transfer=predictions asks)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

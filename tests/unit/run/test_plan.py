@@ -138,3 +138,16 @@ def test_plan_imports_no_ray() -> None:
             f"format_plan(placement_plan(load_config({str(QUICKSTART)!r}))); "
             "assert 'ray' not in sys.modules, 'ray imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=120)
+
+
+def test_the_privacy_experiment_plans_its_audit_last() -> None:
+    cfg = load_config(REPO / "experiments" / "privacy.yaml")
+    assert cfg.evaluation.privacy_audit and not load_config(QUICKSTART).evaluation.privacy_audit
+    steps = placement_plan(cfg)["steps"]
+    assert [s["step"] for s in steps] == ["main", "baseline-fedavg-seed0", "audit"]
+    assert steps[-1]["artefacts"] == ["teacher", "universal", "fedavg"]
+    assert "3. audit: loss threshold membership inference on teacher, universal, fedavg" \
+        in format_plan(placement_plan(cfg))
+    two = placement_plan(load_config(REPO / "experiments" / "privacy.yaml",
+                                     ["evaluation.replicates=2"]))["steps"]
+    assert [s["step"] for s in two][-1] == "r1-audit"

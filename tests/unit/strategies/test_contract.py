@@ -56,7 +56,8 @@ def test_strategy_contract(name: str) -> None:
     facts = cls.describe()  # what `umim strategies` prints, as plain data
     assert json.loads(json.dumps(facts)) == facts
     assert facts["name"] == name
-    assert facts["declares"] == {"pooled": cls.pooled, "distils": cls.distils}
+    assert facts["declares"] == {"pooled": cls.pooled, "distils": cls.distils,
+                                 "predicts": cls.predicts, "heterogeneous": cls.heterogeneous}
     assert list(facts["options"]) == [f.name for f in dataclasses.fields(cls.Options)]
     rounds = cls.planned_rounds(options, DOMAINS, 3)
     assert isinstance(rounds, int) and rounds >= 1

@@ -17,7 +17,9 @@ def test_the_levers_are_off_by_default_and_keep_the_precomputed_path() -> None:
     assert not s.per_batch_targets
     assert s == DistillSettings(augment=False, mixup_alpha=0.0)
     names = [f.name for f in dataclasses.fields(DistillSettings)]
-    assert names[-2:] == ["augment", "mixup_alpha"]  # appended: positional order unchanged
+    # appended: positional order unchanged
+    assert names[-3:] == ["augment", "mixup_alpha", "mae_weight"]
+    assert s.mae_weight == 0.0
 
 
 @pytest.mark.parametrize(("augment", "alpha", "per_batch"),

@@ -9,10 +9,11 @@ import engine.tune
 
 
 def test_public_names_resolve_to_their_homes() -> None:
-    from engine.tune import driver, outputs, schema
+    from engine.tune import driver, outputs, result, schema
 
     homes = {"sweep": driver, "write_outputs": outputs, "load_sweep": schema,
-             "SweepConfig": schema, "SearchConfig": schema, "trial_config": schema}
+             "SweepConfig": schema, "SearchConfig": schema, "trial_config": schema,
+             "SweepResult": result}
     assert sorted(engine.tune.__all__) == sorted(homes)
     for name, module in homes.items():
         assert getattr(engine.tune, name) is getattr(module, name)

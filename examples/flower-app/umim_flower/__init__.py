@@ -1,0 +1,1 @@
+"""umim's Flower app (the code is :mod:`engine.interop.flower_app`)."""

@@ -342,10 +342,7 @@ class Client:
         ValueError
             When the client was given no pool loader.
         """
-        if self.pool is None:
-            raise ValueError(f"client {self.cid}: asked for pool outputs (pool_outputs) but "
-                             "it has no public pool to read")
-        images = self.pool().images
+        images = self._public_pool("pool outputs (pool_outputs)").images
         self._load(state, (), 0)
         self.model.eval()
         feats: list[torch.Tensor] = []
@@ -357,6 +354,13 @@ class Client:
                 logits[d].append(self.model.heads[d](f).float().cpu())
         return PoolOutputs(features=torch.cat(feats).contiguous(),
                            logits={d: torch.cat(v).contiguous() for d, v in logits.items()})
+
+    def _public_pool(self, asked: str) -> Any:
+        """The public pool's shard, or ``ValueError`` saying what was ``asked`` for."""
+        if self.pool is None:
+            raise ValueError(f"client {self.cid}: asked for {asked} but it has no public "
+                             "pool to read")
+        return self.pool()
 
     def pool_scores(self, state: State, seed: int) -> torch.Tensor:
         """How much every public pool image looks like this client's own data.
@@ -380,10 +384,7 @@ class Client:
         """
         from engine.fl.relevance import MAX_SAMPLES, pool_relevance, renormalise, sample_rows
 
-        if self.pool is None:
-            raise ValueError(f"client {self.cid}: asked for pool scores (score_pool) but it "
-                             "has no public pool to read")
-        pool = self.pool()
+        pool = self._public_pool("pool scores (score_pool)")
         self._load(state, (), 0)
         sizes = [len(s["train"].y) for s in self.data.values()]
         keep = torch.from_numpy(sample_rows(sum(sizes), MAX_SAMPLES,

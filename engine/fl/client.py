@@ -487,6 +487,18 @@ class Client:
             return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
         return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
 
+    def _batch_loss(self, domain: str, idx: torch.Tensor, augment: Any = None) -> torch.Tensor:
+        """The training loss of the train images ``idx`` of ``domain`` (augmented first when
+        ``augment`` is given), the forward pass under ``train.precision``."""
+        split = self.data[domain]["train"]
+        idx = idx.to(self.device)
+        x, y = split.x[idx], split.y[idx]
+        if augment is not None:
+            x = augment(x)
+        with autocast(self.train_cfg.precision, self.device):
+            logits = self.model(x, domain)
+        return self._loss(logits, y, domain)
+
     def _loss(self, logits: torch.Tensor, y: torch.Tensor, domain: str) -> torch.Tensor:
         if self.tasks[domain] == "multi-label":
             return F.binary_cross_entropy_with_logits(logits.float(), y.float())
@@ -521,14 +533,7 @@ class Client:
         clip = self.train_cfg.grad_clip
         total, count = 0.0, 0
         for domain, idx in self._batches(generator):
-            split = self.data[domain]["train"]
-            idx = idx.to(self.device)
-            x, y = split.x[idx], split.y[idx]
-            if augment is not None:
-                x = augment(x)
-            with autocast(self.train_cfg.precision, self.device):
-                logits = self.model(x, domain)
-            loss = self._loss(logits, y, domain)
+            loss = self._batch_loss(domain, idx, augment)
             if anchor is not None:
                 prox = sum(((p - anchor[n]) ** 2).sum()
                            for n, p in self.model.encoder.named_parameters())
@@ -597,13 +602,7 @@ class Client:
                     if scheduler is not None:
                         scheduler.step()
                     continue
-                idx = idx.to(self.device)
-                x, y = split.x[idx], split.y[idx]
-                if augment is not None:
-                    x = augment(x)
-                with autocast(self.train_cfg.precision, self.device):
-                    logits = self.model(x, domain)
-                loss = self._loss(logits, y, domain)
+                loss = self._batch_loss(domain, idx, augment)
                 private.zero_grad(set_to_none=True)
                 loss.backward()
                 dp.step(private, proximal if anchor is not None and mu > 0 else None)

@@ -201,8 +201,16 @@ def privacy_summary(cfg: ExperimentConfig, results: Results) -> dict[str, Any]:
                        f"{MAX_AUDIT_SAMPLES})",
             "nonmembers": f"the client's {cfg.evaluation.split} split, as many as members",
             "nonmember_split": cfg.evaluation.split, "low_fpr": LOW_FPR,
-            "artefacts": [{"name": n, "status": status[n],
-                           "attacked": any(n in rows for rows in domains.values()),
-                           "why_not": why.get(n, "every client's audit of it failed")}
+            "artefacts": [_artefact(n, status[n], any(n in rows for rows in domains.values()),
+                                    why.get(n, "every client's audit of it failed"))
                           for n in names],
             "domains": domains}
+
+
+def _artefact(name: str, status: str, attacked: bool, why_not: str) -> dict[str, Any]:
+    """One artefact's entry of the privacy summary; ``why_not`` only when it was not
+    attacked."""
+    entry: dict[str, Any] = {"name": name, "status": status, "attacked": attacked}
+    if not attacked:
+        entry["why_not"] = why_not
+    return entry

@@ -7,8 +7,13 @@ from __future__ import annotations
 from engine.config import ExperimentConfig
 
 MODE_TAGS = {"finetune": "ft", "linear_probe": "lp", "knn": "knn"}
-LODO_LABEL = "universal"
-"""The method name of a leave-one-domain-out global model (always distilled)."""
+
+
+def lodo_label(cfg: ExperimentConfig) -> str:
+    """The method name of a leave-one-domain-out global model, which is always distilled:
+    the main strategy's name when it declares ``distils`` (LODO repeats its distillation
+    without the held-out domain), else ``distilled``."""
+    return cfg.strategy.name if cfg.strategy.strategy_class.distils else "distilled"
 
 
 def base_label(cfg: ExperimentConfig) -> str:

@@ -17,9 +17,9 @@ from typing import Any
 from engine.cluster.resources import trial_phases, trial_resources
 from engine.config import ExperimentConfig, TrainScaling, to_dict
 from engine.run.names import (
-    LODO_LABEL,
     base_label,
     encoder_label,
+    lodo_label,
     method_name,
     replicate_step,
     step_name,
@@ -98,7 +98,7 @@ def _steps(cfg: ExperimentConfig) -> list[dict[str, Any]]:
             steps.append({"step": step(f"lodo-{domain}"), "held_out": domain,
                           "arms": [f"lodo:{method_name(a, m, f)}"
                                    for m in ev.modes for f in ev.label_fractions
-                                   for a in (LODO_LABEL, base_label(cfg))],
+                                   for a in (lodo_label(cfg), base_label(cfg))],
                           "epochs": ev.finetune_epochs, "seeds": list(ev.seeds)})
         if ev.privacy_audit:
             steps.append({"step": step("audit"),

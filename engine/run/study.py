@@ -51,9 +51,9 @@ from engine.records.storage import Storage
 from engine.run.audit import TeacherCapture, audit_replicate, privacy_summary
 from engine.run.build import build_simulation
 from engine.run.names import (
-    LODO_LABEL,
     base_label,
     encoder_label,
+    lodo_label,
     method_name,
     replicate_step,
     step_name,
@@ -348,7 +348,7 @@ class Study:
             for mode in ev.modes:
                 for fraction in ev.label_fractions:
                     methods = {
-                        f"lodo:{method_name(LODO_LABEL, mode, fraction)}": encoder,
+                        f"lodo:{method_name(lodo_label(self.cfg), mode, fraction)}": encoder,
                         f"lodo:{method_name(base_label(self.cfg), mode, fraction)}": rep.base}
                     failed += evaluate_encoders(
                         session.actors, infos, held, methods,
@@ -386,7 +386,7 @@ class Study:
                     if arm != "main":
                         b = method_name(encoder_label(cfg, arm), mode, fraction)
                         candidates.append((a, b, "downstream", mode, fraction))
-                candidates.append((f"lodo:{method_name(LODO_LABEL, mode, fraction)}",
+                candidates.append((f"lodo:{method_name(lodo_label(cfg), mode, fraction)}",
                                    f"lodo:{method_name(base_label(cfg), mode, fraction)}",
                                    "leave-one-domain-out", mode, fraction))
         for name in ev.baselines:

@@ -43,9 +43,9 @@ from engine.records.history import History
 from engine.records.results import Results
 from engine.records.storage import Storage
 from engine.run.names import (
-    LODO_LABEL,
     base_label,
     encoder_label,
+    lodo_label,
     method_name,
     replicate_step,
     step_name,
@@ -332,7 +332,7 @@ class StudyTracker:
         for step, domain in lodo:
             assert results is not None
             for mode, fraction in modes:
-                for label in (LODO_LABEL, base_label(cfg)):
+                for label in (lodo_label(cfg), base_label(cfg)):
                     method = f"lodo:{method_name(label, mode, fraction)}"
                     key = f"{step}:{method}"
                     if key in self.logged:

@@ -524,7 +524,9 @@ def _cmd_strategies(args: argparse.Namespace) -> int:
         table.add_row(row["name"], *marks, escape(options), escape(row["doc"]))
     console = Console(width=max(Console().width, 120))
     console.print(table)
-    console.print("every strategy also takes the common keys strategy.name and strategy.rounds")
+    console.print("every strategy also takes the common keys strategy.name, strategy.rounds "
+                  "and the client sampling keys strategy.fraction_fit, min_fit_clients, "
+                  "fraction_evaluate, min_evaluate_clients")
     return 0
 
 

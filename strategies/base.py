@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from strategies.distill import DistillService, DistillSettings
+from strategies.sampling import ClientSampling
 from strategies.state import heads_of
 from strategies.types import ClientInfo, EvaluateIns, FitIns, FitRes, State
 
@@ -31,11 +32,14 @@ class StrategyContext:
     transfer
         What a client may return (``privacy.transfer``): ``weights`` or ``predictions``
         (its outputs on the public pool only; for strategies that declare ``predicts``).
+    sampling
+        How many clients take part in each round (``strategy.fraction_fit`` and co.).
     """
 
     seed: int = 0
     distill: DistillSettings = field(default_factory=DistillSettings)
     transfer: str = "weights"
+    sampling: ClientSampling = field(default_factory=ClientSampling)
 
 
 class Strategy(ABC):
@@ -163,6 +167,21 @@ class Strategy(ABC):
     def client_state(self, cid: str) -> State:
         """The model a client receives: the global encoder and its own head(s), if any."""
         return {**self.encoder, **self.heads.get(cid, {})}
+
+    def fit_candidates(self, server_round: int, cids: Sequence[str]) -> list[str]:
+        """The clients that may train in this round (all of ``cids`` by default)."""
+        return list(cids)
+
+    def sample_fit(self, server_round: int, cids: Sequence[str]) -> list[str]:
+        """The clients that train in this round: a seeded sample
+        (:class:`~strategies.sampling.ClientSampling`) of :meth:`fit_candidates`."""
+        return self.context.sampling.fit(self.fit_candidates(server_round, cids),
+                                         seed=self.context.seed, server_round=server_round)
+
+    def sample_evaluate(self, server_round: int, cids: Sequence[str]) -> list[str]:
+        """The clients that score the model in this round's federated val evaluation."""
+        return self.context.sampling.evaluate(cids, seed=self.context.seed,
+                                              server_round=server_round)
 
     def fit_config(self, server_round: int, cid: str) -> dict[str, Any]:
         """Per-client training options for this round (none by default)."""

@@ -221,10 +221,13 @@ class Universal(Strategy):
     def client_state(self, cid: str) -> State:
         return {**self.encoder, **heads_of(self.global_heads, self.clients[cid].domains)}
 
-    def configure_fit(self, server_round: int, cids: Sequence[str]) -> dict[str, FitIns]:
+    def fit_candidates(self, server_round: int, cids: Sequence[str]) -> list[str]:
+        # the clients of this round's stage
         stage = set(self.stages[self.stage_of(server_round)])
-        active = [c for c in cids if set(self.clients[c].domains) <= stage]
-        out = super().configure_fit(server_round, active)
+        return [c for c in cids if set(self.clients[c].domains) <= stage]
+
+    def configure_fit(self, server_round: int, cids: Sequence[str]) -> dict[str, FitIns]:
+        out = super().configure_fit(server_round, self.fit_candidates(server_round, cids))
         predictions = self.context.transfer == "predictions"
         for cid, ins in out.items():
             ins.config = {"select_on_val": self.select_on_val,

@@ -19,6 +19,7 @@ from engine.nn.augment import parse_augment
 from engine.nn.models import resolve_encoder
 from strategies.distill import DistillSettings
 from strategies.factory import resolve_strategy
+from strategies.sampling import ClientSampling
 
 
 def _positive(section: str, **values: float | int | None) -> None:
@@ -401,17 +402,34 @@ class StrategyConfig:
         strategy runs ``stages x rounds_per_stage`` rounds).
     options
         An instance of the strategy's ``Options`` dataclass.
+    fraction_fit, min_fit_clients
+        Client sampling (cross-device): each training round trains
+        ``max(min_fit_clients, ceil(fraction_fit * n))`` of its ``n`` candidate clients
+        (a stage's clients for the universal strategy), drawn by
+        :func:`strategies.sampling.sample_clients`, seeded by the run seed and the round (a
+        resumed run samples the same clients). Default ``1.0`` / ``0``: every client, every
+        round.
+    fraction_evaluate, min_evaluate_clients
+        The same for the per-round federated val evaluations; the final evaluation scores
+        every client.
     """
 
     name: str = "fedavg"
     rounds: int = 2
     options: Any = None
+    fraction_fit: float = 1.0
+    min_fit_clients: int = 0
+    fraction_evaluate: float = 1.0
+    min_evaluate_clients: int = 0
 
-    COMMON = ("name", "rounds")
+    COMMON = ("name", "rounds", "fraction_fit", "min_fit_clients", "fraction_evaluate",
+              "min_evaluate_clients")
+    SAMPLING = COMMON[2:]
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
             raise ValueError("strategy.rounds must be >= 1")
+        self.sampling()  # checks the ranges
         try:
             cls = resolve_strategy(self.name)
         except ValueError as err:
@@ -426,6 +444,10 @@ class StrategyConfig:
     def strategy_class(self) -> type:
         """The strategy class :attr:`name` resolves to."""
         return resolve_strategy(self.name)
+
+    def sampling(self) -> ClientSampling:
+        """The per-round client sampling of these keys."""
+        return ClientSampling(**{k: getattr(self, k) for k in self.SAMPLING})
 
     @classmethod
     def keys_for(cls, data: Mapping[str, Any]) -> list[str]:
@@ -443,6 +465,17 @@ class StrategyConfig:
         rounds = data.pop("rounds", cls.rounds)
         if isinstance(rounds, bool) or not isinstance(rounds, int):
             raise ConfigError(f"{where}.rounds: expected an integer, got {rounds!r}")
+        sampling = {}
+        for key in cls.SAMPLING:
+            if key not in data:
+                continue
+            value = data.pop(key)
+            number = key.startswith("fraction")
+            if isinstance(value, bool) or not isinstance(value, (int, float) if number
+                                                         else int):
+                raise ConfigError(f"{where}.{key}: expected "
+                                  f"{'a number' if number else 'an integer'}, got {value!r}")
+            sampling[key] = float(value) if number else value
         try:
             strategy = resolve_strategy(name)
         except ValueError as err:
@@ -455,18 +488,21 @@ class StrategyConfig:
                               f"{list(cls.COMMON)}")
         options = from_dict(strategy.Options, data, where)
         try:
-            return cls(name=name, rounds=rounds, options=options)
+            return cls(name=name, rounds=rounds, options=options, **sampling)
         except ValueError as err:
             raise ConfigError(str(err)) from err
 
     def to_config(self) -> dict[str, Any]:
         """The flat YAML form."""
-        return {"name": self.name, "rounds": self.rounds, **to_dict(self.options)}
+        return {"name": self.name, "rounds": self.rounds,
+                **{k: getattr(self, k) for k in self.SAMPLING}, **to_dict(self.options)}
 
     def with_strategy(self, name: str, rounds: int | None = None,
                       options: Mapping[str, Any] | None = None) -> StrategyConfig:
-        """Another strategy (its own options from ``options``, else its defaults)."""
+        """Another strategy (its own options from ``options``, else its defaults), sampling
+        clients as this one does."""
         return StrategyConfig.from_config({"name": name, "rounds": rounds or self.rounds,
+                                           **{k: getattr(self, k) for k in self.SAMPLING},
                                            **dict(options or {})})
 
 
@@ -856,6 +892,18 @@ class ExperimentConfig:
         if unknown:
             raise ValueError(f"strategy.stages name domains that are not in data.domains: "
                              f"{unknown}")
+        clients = len(self.data.domains) * self.data.clients_per_domain
+        for key in ("min_fit_clients", "min_evaluate_clients"):
+            if getattr(self.strategy, key) > clients:
+                raise ValueError(f"strategy.{key}={getattr(self.strategy, key)} exceeds the "
+                                 f"federation's {clients} clients (data.domains x "
+                                 f"data.clients_per_domain)")
+        if (self.strategy.sampling().samples_fit and self.evaluation.baselines
+                and self.evaluation.equal_budgets):
+            raise ValueError(f"strategy.fraction_fit={self.strategy.fraction_fit}: a sampled "
+                             "client trains a random number of rounds, so the study cannot "
+                             "give every arm the same client epochs; set "
+                             "evaluation.baselines=[] or evaluation.equal_budgets=false")
         unknown = [d for d in self.evaluation.lodo_domains if d not in self.data.domains]
         if unknown:
             raise ValueError(f"evaluation.lodo_domains name domains that are not in "

@@ -98,7 +98,8 @@ def invalid_parts(res: FitRes) -> list[str]:
 def make_strategy(cfg: ExperimentConfig) -> Strategy:
     """The configured strategy with its own options and the engine's context."""
     context = StrategyContext(seed=cfg.seed, distill=cfg.distill.objective(),
-                              transfer=cfg.privacy.transfer)
+                              transfer=cfg.privacy.transfer,
+                              sampling=cfg.strategy.sampling())
     return create_strategy(cfg.strategy.name, cfg.strategy.options, context)
 
 
@@ -258,7 +259,8 @@ class Simulation:
             lambda: [cb.on_tasks_submitted(self, method, server_round) for cb in self.callbacks])
 
     def _fit_round(self, server_round: int, progress: RunProgress) -> None:
-        instructions = self.strategy.configure_fit(server_round, self.fit_cids)
+        sampled = self.strategy.sample_fit(server_round, self.fit_cids)
+        instructions = self.strategy.configure_fit(server_round, sampled)
         for ins in instructions.values():
             ins.config = {**ins.config, "round": server_round, "seed": self.cfg.seed,
                           **({"keep_teacher": True} if self.keep_teachers else {})}
@@ -310,14 +312,18 @@ class Simulation:
         server_metrics = {**server_metrics, "fit_seconds": seconds,
                           "aggregate_seconds": time.perf_counter() - aggregating,
                           "fit_samples_per_s": samples / max(seconds, 1e-9),
-                          "fit_cached": float(len(cached))}
+                          "fit_cached": float(len(cached)),
+                          "clients_sampled": float(len(instructions))}
         self.history.add(server_round, "", "server", server_metrics)
 
     def _evaluate(self, server_round: int, phase: str, progress: RunProgress) -> None:
         """Federated evaluation recorded as ``phase`` (``val``, ``test`` or ``final_val``,
         which scores the val split)."""
         split = "val" if phase == FINAL_VAL else phase
-        instructions = self.strategy.configure_evaluate(server_round, self.eval_cids, split)
+        # a per-round val evaluation may score a sample of the clients; the final one all
+        cids = (self.strategy.sample_evaluate(server_round, self.eval_cids) if phase == "val"
+                else self.eval_cids)
+        instructions = self.strategy.configure_evaluate(server_round, cids, split)
         progress.start_phase(f"round {server_round} {phase}", len(instructions))
         results, failures = self._dispatch("evaluate", instructions, server_round, progress)
         for cid in sorted(results):

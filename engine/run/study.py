@@ -630,6 +630,8 @@ def _check_resume(storage: Storage, cfg: ExperimentConfig) -> None:
         storage.write_text(STARTED_CONFIG, _dump(cfg))
         return
     before = yaml.safe_load(storage.read_text(STARTED_CONFIG))
+    with contextlib.suppress(Exception):  # keys added to the schema since: their defaults
+        before = to_dict(from_dict(ExperimentConfig, before))
     changes = config_changes(before, to_dict(cfg))
     if not changes:
         return

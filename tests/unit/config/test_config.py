@@ -118,7 +118,9 @@ def test_strategy_section_is_flat_and_round_trips() -> None:
     cfg = load_config(None, ["strategy.name=fedprox", "strategy.proximal_mu=0.2",
                              "strategy.rounds=3"])
     assert cfg.strategy.options.proximal_mu == 0.2 and cfg.planned_rounds() == 3
-    assert to_dict(cfg)["strategy"] == {"name": "fedprox", "rounds": 3, "proximal_mu": 0.2}
+    assert to_dict(cfg)["strategy"] == {"name": "fedprox", "rounds": 3, "proximal_mu": 0.2,
+                                        "fraction_fit": 1.0, "min_fit_clients": 0,
+                                        "fraction_evaluate": 1.0, "min_evaluate_clients": 0}
     assert from_dict(ExperimentConfig, to_dict(cfg)) == cfg
     base = load_config(None, ["evaluation.baselines=[fedprox]",
                               "evaluation.baseline_options={fedprox: {proximal_mu: 0.5}}"])

@@ -22,13 +22,21 @@ from engine.run.session import resolve_paths
 
 
 class MemoryPeak:
-    """Samples, in a thread, the summed RSS of this process, every process it started
-    (a local Ray's GCS, raylet, dashboard and workers, the actors among them) and the given
-    pids (actors of a Ray this process joined)."""
+    """Samples, in a thread, the memory of this process, every process it started (a local
+    Ray's GCS, raylet, dashboard and workers, the actors among them) and the given pids
+    (actors of a Ray this process joined).
+
+    Two sums over those processes: ``peak`` adds their resident sets (RSS), which counts a
+    page shared by several processes (libtorch's code, a forked worker's heap) once per
+    process, so it over-states what they use together; ``peak_pss`` adds their proportional
+    set sizes (PSS: each shared page divided among its users), which sums to the memory
+    the processes really take (Linux; equal to ``peak`` elsewhere).
+    """
 
     def __init__(self, interval_s: float = 0.2) -> None:
         self.pids: set[int] = set()
         self.peak = 0
+        self.peak_pss = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, args=(interval_s,), daemon=True)
 
@@ -41,11 +49,14 @@ class MemoryPeak:
             for pid in self.pids - set(procs):
                 with contextlib.suppress(psutil.Error):
                     procs[pid] = psutil.Process(pid)
-            total = 0
+            total = pss = 0
             for proc in procs.values():
                 with contextlib.suppress(psutil.Error):
-                    total += proc.memory_info().rss
+                    info = proc.memory_full_info()
+                    total += info.rss
+                    pss += getattr(info, "pss", info.rss)
             self.peak = max(self.peak, total)
+            self.peak_pss = max(self.peak_pss, pss)
             time.sleep(interval_s)
 
     def __enter__(self) -> MemoryPeak:
@@ -105,4 +116,5 @@ def bench_scale(*, clients: int = 1000, actors: int = 2, rounds: int = 2,
                       "clients_per_actor": max(per_actor), "shards_s": shards_s,
                       "startup_s": startup_s, "seconds_per_round": round_s,
                       "rounds_per_s": 1.0 / round_s,
-                      "peak_rss_gb": memory.peak / 1024**3}]}
+                      "peak_rss_gb": memory.peak / 1024**3,
+                      "peak_pss_gb": memory.peak_pss / 1024**3}]}

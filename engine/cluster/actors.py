@@ -17,6 +17,7 @@ import torch
 from engine.config import DataConfig, ModelConfig, TrainConfig
 from engine.config.plugins import Plugins, install
 from engine.fl.client import Client, ClientSpec, read_pool, shard_builder
+from engine.fl.failures import ClientFailure
 from engine.fl.relevance import PublicPool
 from strategies.types import ClientInfo, EvaluateIns, EvaluateRes, FitIns, FitRes, State
 
@@ -64,6 +65,24 @@ class ClientHost:
         attack's scalars only; :meth:`engine.fl.client.Client.audit`)."""
         ins.state = {**shared, **ins.state}
         return self.clients[cid].audit(ins)
+
+    def run_many(self, method: str, shared: State, work: Sequence[tuple[str, Any]]
+                 ) -> list[tuple[str, Any]]:
+        """Call ``method`` (``fit``, ``evaluate``, ...) for each ``(client id, instructions)``
+        of ``work`` in turn: one task for an actor's whole share of a round
+        (``clients.dispatch: actor``). Returns ``(client id, result)`` pairs, in order; a
+        client whose call raised gets a :class:`~engine.fl.failures.ClientFailure`
+        (``task_error``) instead, and the others still run."""
+        if method not in ("fit", "evaluate", "finetune", "audit"):
+            raise ValueError(f"run_many: unknown client method {method!r}")
+        call = getattr(self, method)
+        out: list[tuple[str, Any]] = []
+        for cid, ins in work:
+            try:
+                out.append((cid, call(cid, shared, ins)))
+            except Exception as err:  # one client's error is that client's failure
+                out.append((cid, ClientFailure("task_error", f"{type(err).__name__}: {err}")))
+        return out
 
     def ping(self) -> bool:
         """Liveness check (answers once the actor has loaded its clients)."""

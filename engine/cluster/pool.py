@@ -50,9 +50,10 @@ class ActorPool:
 
     def __init__(self, actors: list[Any], home: dict[str, int], infos: dict[str, ClientInfo],
                  max_retries: int, ready_timeout_s: float,
-                 observers: Sequence[Observer] = (), task_timeout_s: float | None = None
-                 ) -> None:
+                 observers: Sequence[Observer] = (), task_timeout_s: float | None = None,
+                 dispatch: str = "client") -> None:
         self.task_timeout_s = task_timeout_s
+        self.dispatch = dispatch
         self.actors = actors
         self.home = home
         self._infos = infos
@@ -106,7 +107,7 @@ class ActorPool:
                 observe(info.cid, "infos", info)
         logger.info("started %d client actors for %d clients", count, len(specs))
         return cls(actors, home, infos, res.max_retries, res.ready_timeout_s, observers,
-                   task_timeout_s=res.task_timeout_s)
+                   task_timeout_s=res.task_timeout_s, dispatch=res.dispatch)
 
     def infos(self) -> dict[str, ClientInfo]:
         """Client id -> onboarding announcement."""
@@ -133,11 +134,23 @@ class ActorPool:
         for cid, own in zip(cids, rest, strict=True):
             ins = instructions[cid]
             payload[cid] = type(ins)(**{**ins.__dict__, "state": own})
+        # a task per client, or (dispatch: actor) per actor with all of its clients
+        if self.dispatch == "actor":
+            shares: dict[int, list[str]] = {}
+            for cid in cids:
+                shares.setdefault(self.home[cid], []).append(cid)
+            keys = [tuple(share) for share in shares.values()]
+        else:
+            keys = [(cid,) for cid in cids]
 
-        def submit(cid: str) -> Any:
-            return getattr(self.actor_of(cid), method).remote(cid, shared_ref, payload[cid])
+        def submit(key: tuple[str, ...]) -> Any:
+            actor = self.actor_of(key[0])
+            if self.dispatch == "actor":
+                return actor.run_many.remote(method, shared_ref,
+                                             [(cid, payload[cid]) for cid in key])
+            return getattr(actor, method).remote(key[0], shared_ref, payload[key[0]])
 
-        pending = {submit(cid): (cid, 0) for cid in cids}
+        pending = {submit(key): (key, 0) for key in keys}
         if on_submitted is not None:
             on_submitted()
         results: dict[str, Any] = {}
@@ -148,47 +161,55 @@ class ActorPool:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
             for ref in ready:
-                cid, attempt = pending.pop(ref)
+                key, attempt = pending.pop(ref)
                 started.pop(ref, None)
                 try:
-                    results[cid] = ray.get(ref)
-                    for observe in self.observers:
-                        observe(cid, method, results[cid])
-                    done()
+                    got = ray.get(ref)
+                    answers = got if self.dispatch == "actor" else [(key[0], got)]
+                    for cid, answer in answers:
+                        if isinstance(answer, ClientFailure):
+                            failures[cid] = answer
+                        else:
+                            results[cid] = answer
+                            for observe in self.observers:
+                                observe(cid, method, answer)
+                        done()
                 except RayActorError as err:
-                    kind = "timeout" if cid in timed_out else "actor_died"
-                    if attempt < self.max_retries and self._await_restart(cid):
-                        logger.warning("client %s: %s during %s (%s); retry %d/%d", cid,
-                                       kind.replace("_", " "), method, type(err).__name__,
-                                       attempt + 1, self.max_retries)
-                        timed_out.discard(cid)
-                        retry = submit(cid)
-                        pending[retry] = (cid, attempt + 1)
+                    kind = "timeout" if key[0] in timed_out else "actor_died"
+                    if attempt < self.max_retries and self._await_restart(key[0]):
+                        logger.warning("client(s) %s: %s during %s (%s); retry %d/%d",
+                                       ", ".join(key), kind.replace("_", " "), method,
+                                       type(err).__name__, attempt + 1, self.max_retries)
+                        timed_out.difference_update(key)
+                        retry = submit(key)
+                        pending[retry] = (key, attempt + 1)
                         started[retry] = time.monotonic()
                     else:
                         message = (f"no result within clients.task_timeout_s="
                                    f"{self.task_timeout_s:g}s" if kind == "timeout" else str(err))
-                        failures[cid] = ClientFailure(kind, message)
-                        done()
+                        for cid in key:
+                            failures[cid] = ClientFailure(kind, message)
+                            done()
                 except RayTaskError as err:
-                    failures[cid] = ClientFailure("task_error", str(err))
-                    done()
+                    for cid in key:
+                        failures[cid] = ClientFailure("task_error", str(err))
+                        done()
             self._stop_hung(pending, started, timed_out)
         return results, failures
 
-    def _stop_hung(self, pending: Mapping[Any, tuple[str, int]], started: dict[Any, float],
-                   timed_out: set[str]) -> None:
+    def _stop_hung(self, pending: Mapping[Any, tuple[tuple[str, ...], int]],
+                   started: dict[Any, float], timed_out: set[str]) -> None:
         """Kill (Ray restarts) the actor of every task past ``task_timeout_s``: a hung client
         is then a failure handled like a crash (retried, then recorded)."""
         if self.task_timeout_s is None:
             return
         now = time.monotonic()
-        for ref, (cid, _) in pending.items():
-            if cid not in timed_out and now - started.get(ref, now) > self.task_timeout_s:
-                logger.warning("client %s: no result after %.0f s (clients.task_timeout_s); "
-                               "restarting its actor", cid, now - started[ref])
-                timed_out.add(cid)
-                ray.kill(self.actor_of(cid), no_restart=False)
+        for ref, (key, _) in pending.items():
+            if key[0] not in timed_out and now - started.get(ref, now) > self.task_timeout_s:
+                logger.warning("client(s) %s: no result after %.0f s (clients.task_timeout_s)"
+                               "; restarting the actor", ", ".join(key), now - started[ref])
+                timed_out.update(key)
+                ray.kill(self.actor_of(key[0]), no_restart=False)
 
     def _await_restart(self, cid: str) -> bool:
         """Wait until the actor of ``cid`` answers again (Ray restarts it and it reloads its

@@ -357,7 +357,13 @@ class ClientsConfig:
     task_timeout_s
         How long one client call (fit, evaluate, fine-tune) may take before the client counts
         as hung: its actor is restarted and the call retried like a crash, then recorded as a
-        ``timeout`` failure (``null``: no limit). Raise it for large models on CPUs.
+        ``timeout`` failure (``null``: no limit). Raise it for large models on CPUs. With
+        ``dispatch: actor`` one call is an actor's whole share of the round.
+    dispatch
+        ``client`` (default): one Ray task per client and round. ``actor``: one task per
+        actor and round carrying all of its clients of that round, which it trains in turn
+        (cross-device runs: thousands of small updates, where a task per update costs more
+        than the update). The same results; a crash or hang retries the actor's share.
     """
 
     num_actors: int | None = None
@@ -368,10 +374,14 @@ class ClientsConfig:
     min_fit_fraction: float = 1.0
     ready_timeout_s: float = 300.0
     task_timeout_s: float | None = 3600.0
+    dispatch: str = "client"
 
     def __post_init__(self) -> None:
         if self.num_actors is not None and self.num_actors < 1:
             raise ValueError("clients.num_actors must be >= 1")
+        if self.dispatch not in ("client", "actor"):
+            raise ValueError(f"clients.dispatch must be 'client' or 'actor', got "
+                             f"{self.dispatch!r}")
         if self.num_cpus <= 0 or self.num_gpus < 0:
             raise ValueError("clients.num_cpus must be > 0 and clients.num_gpus >= 0")
         if not 0.0 < self.min_fit_fraction <= 1.0:

@@ -122,6 +122,16 @@ def read_split(path: str, split: str, cap: int | None, seed: int) -> Shard:
     return shard
 
 
+def seed_torch(seed: int) -> None:
+    """What ``torch.manual_seed`` does for the devices this process can use: the CPU
+    generator, and CUDA's when a GPU is visible. (On a CPU-only host ``torch.manual_seed``
+    also queues a lazy CUDA seeding with a recorded stack, ~3 ms a call: a cost per client
+    update that thousands of virtual clients pay.)"""
+    torch.default_generator.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
 def epoch_batches(n: int, size: int, generator: torch.Generator) -> list[torch.Tensor]:
     """One epoch's batches over ``n`` samples: a permutation drawn from ``generator``, cut
     into index batches of ``size`` (the last may be smaller)."""
@@ -247,7 +257,7 @@ class Client:
                              f"(with {len(ins.state)} received tensors); it declares "
                              f"{self.arch!r} and takes no state for it")
         seed = int(ins.config.get("seed", self.seed))
-        torch.manual_seed(derive_seed(seed, "own-arch", arch, self.cid))
+        seed_torch(derive_seed(seed, "own-arch", arch, self.cid))
         own = build_model(self.model_cfg.for_arch(str(arch)), self.num_classes).to(self.device)
         if self.train_cfg.channels_last:
             own = own.to(memory_format=torch.channels_last)
@@ -275,7 +285,7 @@ class Client:
         cfg = ins.config
         server_round = int(cfg.get("round", 0))
         fit_seed = derive_seed(cfg.get("seed", self.seed), server_round, self.cid)
-        torch.manual_seed(fit_seed)
+        seed_torch(fit_seed)
         generator = torch.Generator().manual_seed(fit_seed)
         # A fresh head depends on the run seed and its domain only, as if the server had
         # sent it: every client of a domain starts from the same head.
@@ -458,21 +468,48 @@ class Client:
 
     # -- internals -------------------------------------------------------------------------
     def _load(self, state: State, fresh_heads: tuple[str, ...], seed: int) -> None:
-        own = self.model.state_dict()
+        """Copy ``state`` into the model's tensors in place (what ``load_state_dict``
+        does, without its module walk); then fresh seeded heads for ``fresh_heads``."""
+        own = self._tensors()
         fresh_keys = {k for d in fresh_heads for k in own if is_head_key(k, d)}
         missing = sorted(set(own) - set(state) - fresh_keys)
         unexpected = sorted(set(state) - set(own))
-        if missing or unexpected:
+        wrong = sorted(k for k, v in state.items() if k in own and v.shape != own[k].shape)
+        if missing or unexpected or wrong:
             raise ValueError(f"client {self.cid}: received state does not fit its model "
-                             f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
-        self.model.load_state_dict(state, strict=False)
+                             f"(missing {missing[:5]}, unexpected {unexpected[:5]}, "
+                             f"wrong shape {wrong[:5]})")
+        with torch.no_grad():
+            for key, value in state.items():
+                own[key].copy_(value)
         for domain in fresh_heads:
             self.model.add_head(domain, self.num_classes[domain],
                                 seed=derive_seed(seed, "head", domain))
 
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        """The model's state tensors by key (cached by a :class:`MultiHeadNet`)."""
+        model = self.model
+        if isinstance(model, MultiHeadNet):
+            return model.state_tensors()
+        return dict(model.state_dict(keep_vars=True))
+
     def _export(self) -> State:
-        return {k: v.detach().to("cpu", copy=True).contiguous()
-                for k, v in self.model.state_dict().items()}
+        """A copy of the model's state on the CPU, contiguous: the floating-point tensors
+        as views of one flat buffer (one allocation, one object to ship)."""
+        own = self._tensors()
+        out: State = {}
+        floats = [k for k, v in own.items() if v.dtype == torch.float32]
+        with torch.no_grad():
+            if floats:
+                flat = torch.cat([own[k].detach().reshape(-1) for k in floats])  # a copy
+                flat = flat if flat.device.type == "cpu" else flat.cpu()
+                for key, piece in zip(floats, flat.split([own[k].numel() for k in floats]),
+                                      strict=True):
+                    out[key] = piece.view(own[key].shape)
+            for key, value in own.items():
+                if key not in out:
+                    out[key] = value.detach().to("cpu", copy=True).contiguous()
+        return {k: out[k] for k in own}
 
     def _optimizer(self, lr: float, dp: DPTraining | None = None) -> torch.optim.Optimizer:
         cfg = self.train_cfg

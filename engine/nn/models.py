@@ -1,4 +1,5 @@
-"""Networks: a registry of encoders (MONAI ViT, MONAI ResNet-18) and the multi-head model.
+"""Networks: a registry of encoders (MONAI ViT, MONAI ResNet-18, a small CNN) and the multi-head
+model.
 
 Every model in umim is a :class:`MultiHeadNet`: one shared encoder and one linear head per
 domain. Its ``state_dict`` keys are the encoder's and each head's (the prefixes live in
@@ -188,6 +189,72 @@ class ConvViTEncoder(nn.Module):
         return self.norm(tokens).mean(dim=1)
 
 
+@dataclass(frozen=True)
+class CNNOptions:
+    """``model.options`` of ``cnn`` (MONAI's vocabulary).
+
+    Attributes
+    ----------
+    spatial_dims
+        2 for images (the engine's unified input is 2-D, ``3 x 28 x 28``), 3 for volumes.
+    in_channels
+        Input channels (default 3, the unified images' channels).
+    channels
+        Output channels of the strided 3x3 convolutions, one per layer (each halves the
+        spatial size, rounding up).
+    """
+
+    spatial_dims: int = 2
+    in_channels: int = UNIFIED_CHANNELS
+    channels: tuple[int, ...] = (16, 32)
+
+    def __post_init__(self) -> None:
+        if self.spatial_dims not in (2, 3):
+            raise ValueError(f"model.options.spatial_dims must be 2 or 3, got "
+                             f"{self.spatial_dims}")
+        if self.in_channels < 1:
+            raise ValueError(f"model.options.in_channels must be >= 1, got {self.in_channels}")
+        if not self.channels or min(self.channels) < 1:
+            raise ValueError(f"model.options.channels must be one or more positive widths, "
+                             f"got {list(self.channels)}")
+
+
+class CNNEncoder(nn.Module):
+    """A small CNN for cross-device simulation: MONAI ``Convolution`` blocks (3x3, stride 2,
+    ReLU; no normalisation, no dropout) then a fully connected ReLU layer of
+    ``model.hidden_size`` features (the other ViT sizes do not apply).
+
+    It keeps no state besides its parameters (no BatchNorm statistics, no dropout
+    randomness), so a client's step depends only on the weights and the batch, and many
+    clients' steps can be stacked with ``torch.func.vmap``. With the defaults (channels 16,
+    32; ``hidden_size`` 64) it has about 105k parameters.
+    """
+
+    Options = CNNOptions
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        from monai.networks.blocks import Convolution
+
+        opts = encoder_options(cfg) or CNNOptions()
+        layers: list[nn.Module] = []
+        channels = opts.in_channels
+        for width in opts.channels:
+            layers.append(Convolution(opts.spatial_dims, channels, width, strides=2,
+                                      kernel_size=3, act=("relu", {"inplace": False}),
+                                      norm=None, dropout=None))
+            channels = width
+        self.convs = nn.Sequential(*layers)
+        side = UNIFIED_SIZE
+        for _ in opts.channels:
+            side = (side + 1) // 2  # 3x3, stride 2, padding 1
+        self.fc = nn.Linear(channels * side ** opts.spatial_dims, cfg.hidden_size)
+        self.out_features = cfg.hidden_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.fc(self.convs(x).flatten(1)))
+
+
 def _groups(channels: int) -> int:
     """GroupNorm groups: 8 when they divide ``channels``, else the largest divisor <= 8."""
     return next(g for g in range(min(8, channels), 0, -1) if channels % g == 0)
@@ -206,6 +273,7 @@ ENCODERS: Registry[EncoderSpec] = Registry("encoder", "umim.encoders", {
     "vit": EncoderSpec(ViTEncoder),
     "resnet18": EncoderSpec(ResNet18Encoder, ResNet18Options),
     "vit_conv": EncoderSpec(ConvViTEncoder, ConvViTOptions),
+    "cnn": EncoderSpec(CNNEncoder, CNNOptions),
 })
 """Every registered encoder by ``model.arch`` name."""
 
@@ -261,10 +329,24 @@ class MultiHeadNet(nn.Module):
 
     def __init__(self, encoder: nn.Module, heads: Mapping[str, int]) -> None:
         super().__init__()
+        self._tensors: dict[str, torch.Tensor] | None = None
         self.encoder = encoder
         self.heads = nn.ModuleDict()
         for domain, num_classes in heads.items():
             self.add_head(domain, num_classes)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The live tensors behind :meth:`state_dict`'s keys (parameters and buffers,
+        not detached), kept between calls: loading a state into them in place, or exporting
+        them, skips the module walk of ``state_dict`` / ``load_state_dict``. Rebuilt after
+        :meth:`add_head` or a move (``.to``)."""
+        if self._tensors is None:
+            self._tensors = dict(self.state_dict(keep_vars=True))
+        return self._tensors
+
+    def _apply(self, fn: Any, recurse: bool = True) -> MultiHeadNet:
+        self._tensors = None  # a move replaces buffers (and maybe parameters)
+        return super()._apply(fn, recurse)
 
     def add_head(self, domain: str, num_classes: int, seed: int | None = None) -> nn.Linear:
         """Add (or replace) the head of ``domain``; with ``seed`` its init is reproducible."""
@@ -278,6 +360,7 @@ class MultiHeadNet(nn.Module):
                 head.bias.copy_((torch.rand(num_classes, generator=generator) * 2 - 1) * bound)
         device = next(self.encoder.parameters()).device
         self.heads[domain] = head.to(device)
+        self._tensors = None
         return head
 
     @property

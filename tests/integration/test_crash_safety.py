@@ -25,10 +25,10 @@ from engine.run.study import resume
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
 REPO = Path(__file__).resolve().parents[2]
 PIPELINE = [
-    "data.domains=[breast,pneumonia,ct-region]", "data.max_train_samples=64",
-    "data.max_eval_samples=32", "data.pool_size=300", "pretrain.epochs=1",
-    "pretrain.batch_size=64", "strategy.local_epochs=1", "distill.steps=20",
-    "distill.eval_every=10", "evaluation.finetune_epochs=1", "evaluation.seeds=[0]",
+    "data.domains=[breast,ct-region]", "data.max_train_samples=48",
+    "data.max_eval_samples=32", "data.pool_size=200", "pretrain.epochs=1",
+    "pretrain.batch_size=64", "strategy.local_epochs=1", "distill.steps=12",
+    "distill.eval_every=6", "evaluation.finetune_epochs=1", "evaluation.seeds=[0]",
     "evaluation.lodo_domains=[]", "evaluation.baselines=[fedavg]",
     "evaluation.modes=[finetune]", "evaluation.encoders=[main,base]",
     "evaluation.baseline_rounds=2", "evaluation.equal_budgets=false", "train.local_epochs=1",

@@ -78,10 +78,17 @@ class KillOneActor(Callback):
         self.after = [a["pid"] for a in sim.actors.describe()]
 
 
+# a task per client (two actors), or (clients.dispatch=actor) one actor's share of the round
+# in one task: both clients on one actor, the killed task held both
+DISPATCH = {"per-client": (), "per-actor": ("clients.dispatch=actor", "clients.num_actors=1")}
+
+
+@pytest.mark.parametrize("dispatch", list(DISPATCH))
 def test_kill_9_of_a_client_actor_does_not_lose_the_round(tmp_path: Path, data_root: Path,
-                                                          shard_cache: Path) -> None:
+                                                          shard_cache: Path, dispatch: str
+                                                          ) -> None:
     cb = KillOneActor()
-    cfg = _smoke(shard_cache, "strategy.rounds=2")
+    cfg = _smoke(shard_cache, "strategy.rounds=2", *DISPATCH[dispatch])
     result = run(cfg, out=tmp_path / "k", data_root=str(data_root), quiet=True, callbacks=[cb])
     assert cb.killed is not None and cb.killed not in cb.after  # the actor really was replaced
     fit_round2 = {r.client for r in result.history.records if r.phase == "fit" and r.round == 2}

@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 SHARED_DATA := $(abspath ../shared/data)
 export UMIM_DATA_ROOT ?= $(if $(wildcard $(SHARED_DATA)/medmnist),$(SHARED_DATA),)
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint clean bench-env
 
 $(BIN)/umim: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ demo: install
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# pfl-research for `umim bench crossdevice`, in its own folder under the umim cache (pfl's
+# dp-accounting pins attrs<24; this venv holds attrs 26)
+bench-env: install
+	$(BIN)/python -m engine.bench.crossdevice_pfl create-env
 
 lint: install
 	$(BIN)/ruff check .

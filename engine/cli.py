@@ -469,6 +469,73 @@ def _cmd_bench_medmnist(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_crossdevice(args: argparse.Namespace) -> int:
+    """``umim bench crossdevice``: sequential / umim / Flower / pfl rows of one cross-device
+    workload (see :mod:`engine.bench.crossdevice`); exit 1, with one line saying why, when
+    a row trained other clients or its accuracy or weights disagree with the sequential
+    row's. ``--scale``: the engine alone with many virtual clients (default 10,000)."""
+    from engine.bench.common import machine, print_table
+    from engine.bench.crossdevice import (
+        ENGINE_ROWS,
+        ROWS,
+        CrossDeviceWorkload,
+        bench_crossdevice,
+        bench_crossdevice_scale,
+    )
+
+    try:
+        workload = CrossDeviceWorkload(
+            clients=args.clients or (10_000 if args.scale else 1000), per_round=args.per_round,
+            rounds=args.rounds or (3 if args.scale else 30), local_epochs=args.local_epochs,
+            batch_size=args.batch_size, lr=args.lr, actors=args.actors, seed=args.seed,
+            alpha=args.alpha, samples_per_client=args.samples_per_client)
+    except ValueError as err:
+        raise UsageError(f"{err}") from err
+    where = {"data_root": args.data_root, "cache_dir": args.cache_dir, "address": args.address,
+             "env": ("address",)}
+    if args.scale:
+        out = _call(bench_crossdevice_scale, workload, **where)
+        print_table("umim bench crossdevice --scale", out["rows"],
+                    ["clients", "actors", "clients_per_actor", "per_round", "shards_s",
+                     "startup_s", "ray_start_s", "actors_start_s", "seconds_per_round",
+                     "rounds_per_s", "updates_per_s", "peak_rss_gb", "peak_pss_gb"], args.json,
+                    {"workload": out["workload"], "machine": machine()})
+        return 0
+    rows = tuple(r.strip() for r in args.rows.split(",") if r.strip())
+    known = [*ROWS, *ENGINE_ROWS]
+    unknown = sorted(set(rows) - set(known))
+    if unknown or not rows or len(set(rows)) != len(rows):
+        raise UsageError(f"--rows: unknown or repeated row(s) {unknown or list(rows)}; the "
+                         f"rows: {','.join(known)}")
+    out = _call(bench_crossdevice, workload, rows=rows, export_dir=args.export_dir, **where)
+    if args.json:
+        print(json.dumps({**out, "machine": machine()}, indent=2, default=float))
+    else:
+        engine = {r["method"]: {k: round(r[k], 2) for k in ("ray_start_s", "actors_start_s",
+                                                            "rounds_fit_s",
+                                                            "busiest_actor_train_s",
+                                                            "dispatch_overhead_s",
+                                                            "aggregate_s", "other_s")
+                                     if k in r}
+                  for r in out["rows"] if r["method"] in ENGINE_ROWS and "wall_s" in r}
+        print_table("umim bench crossdevice", out["rows"],
+                    ["method", "result", "wall_s", "startup_s", "rounds_s", "rounds_per_s",
+                     "updates_per_s", "overhead_ms_per_update", "x_flower", "x_pfl",
+                     "peak_rss_gb", "peak_pss_gb", "test_acc", "max_abs_diff"], False,
+                    {**{f"{r['method']} not run": r["reason"] for r in out["rows"]
+                        if r["result"] == "not run"},
+                     "comparison": "passed" if out["passed"] else "FAILED",
+                     "tolerances": f"test accuracy {out['acc_tolerance']}, weights "
+                                   f"{out['state_tolerance']:g} (vs sequential)",
+                     "updates": out["updates"], "engine time breakdown (s)": engine,
+                     "data": out["data"], "workload": out["workload"],
+                     "machine": machine()})
+    if not out["passed"]:
+        _err(f"umim bench crossdevice: the rows disagree: {'; '.join(out['failures'])}")
+        return EXIT_UNEXPECTED
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     _require_run_dir(args.run_dir)
     from engine.records.report import write_report
@@ -684,6 +751,35 @@ def build_parser() -> argparse.ArgumentParser:
     med.add_argument("--json", action="store_true", help="print JSON")
     _add_data_args(med)
     med.set_defaults(func=_cmd_bench_medmnist)
+    xdev = command(bench_cmds, "crossdevice", "cross-device FedAvg (MedNIST over many "
+                   "clients, a sample per round): sequential vs umim vs Flower vs pfl")
+    xdev.add_argument("--clients", type=int, default=None,
+                      help="clients MedNIST is split over (default 1000; 10000 with --scale)")
+    xdev.add_argument("--per-round", type=int, default=50, help="clients sampled per round")
+    xdev.add_argument("--rounds", type=int, default=None,
+                      help="rounds (default 30; 3 with --scale)")
+    xdev.add_argument("--local-epochs", type=int, default=1)
+    xdev.add_argument("--batch-size", type=int, default=32)
+    xdev.add_argument("--lr", type=float, default=0.05, help="SGD learning rate")
+    xdev.add_argument("--actors", type=int, default=2,
+                      help="client actors of umim and of Flower (1 CPU each)")
+    xdev.add_argument("--seed", type=int, default=0)
+    xdev.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label skew")
+    xdev.add_argument("--samples-per-client", type=int, default=None,
+                      help="cap each client's train split (quick checks; default: all)")
+    xdev.add_argument("--rows", default="sequential,umim,flower,pfl",
+                      help="comma list of sequential,umim,flower,pfl (and other engine rows "
+                           "of engine.bench.crossdevice.ENGINE_ROWS), run in this order")
+    xdev.add_argument("--export-dir", default=None, metavar="DIR",
+                      help="keep the workload export (workload.json, train.npz, init.pt) "
+                           "there (default: a temporary folder)")
+    xdev.add_argument("--scale", action="store_true",
+                      help="the engine alone with many virtual clients: start-up, seconds "
+                           "per round, peak memory over every process")
+    xdev.add_argument("--json", action="store_true", help="print JSON")
+    _add_data_args(xdev)
+    _add_address(xdev)
+    xdev.set_defaults(func=_cmd_bench_crossdevice)
 
     report = command(commands, "report", "write report.md and plots for a run")
     report.add_argument("run_dir", help="the run directory (holds config.yaml)")

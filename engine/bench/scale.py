@@ -18,7 +18,6 @@ from typing import Any
 import psutil
 
 from engine.config import ExperimentConfig, from_dict
-from engine.run.session import resolve_paths
 
 
 class MemoryPeak:
@@ -75,7 +74,7 @@ def bench_scale(*, clients: int = 1000, actors: int = 2, rounds: int = 2,
     from engine.fl.simulation import Callback, Simulation
     from engine.records.storage import Storage
     from engine.run.build import build_simulation
-    from engine.run.session import Session
+    from engine.run.session import Session, resolve_paths
 
     cfg = resolve_paths(from_dict(ExperimentConfig, {
         "name": "bench-scale",

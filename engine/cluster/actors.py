@@ -7,6 +7,7 @@ clients it serves (each loads its own shards once) and forwards ``fit`` / ``eval
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -21,14 +22,21 @@ from engine.fl.failures import ClientFailure
 from engine.fl.relevance import PublicPool
 from strategies.types import ClientInfo, EvaluateIns, EvaluateRes, FitIns, FitRes, State
 
+logger = logging.getLogger(__name__)
+
 
 class ClientHost:
     """The body of a client actor; plain Python so it can also run in-process."""
 
     def __init__(self, specs: Sequence[ClientSpec], model: ModelConfig, train: TrainConfig,
                  data: DataConfig, *, seed: int, num_threads: int,
-                 plugins: Plugins | None = None) -> None:
+                 plugins: Plugins | None = None, fused_clients: int = 0) -> None:
         install(plugins)  # the driver's registered encoders and sources, before any model
+        # a process's first torch.optim optimiser imports torch._dynamo (~1-3 s): at start-up,
+        # not in the first round's first client
+        torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0).zero_grad()
+        self.fused_clients = fused_clients
+        self._told: set[str] = set()  # why some fits were not fused, logged once each
         torch.set_num_threads(max(1, num_threads))
         models: dict[tuple, Any] = {}  # one network per head layout, shared by the clients
         builder = shard_builder(data)
@@ -77,12 +85,46 @@ class ClientHost:
             raise ValueError(f"run_many: unknown client method {method!r}")
         call = getattr(self, method)
         out: list[tuple[str, Any]] = []
+        if method == "fit" and self.fused_clients > 1 and len(work) > 1:
+            out, work = self._fit_fused(shared, work)
         for cid, ins in work:
             try:
                 out.append((cid, call(cid, shared, ins)))
             except Exception as err:  # one client's error is that client's failure
                 out.append((cid, ClientFailure("task_error", f"{type(err).__name__}: {err}")))
         return out
+
+    def _fit_fused(self, shared: State, work: Sequence[tuple[str, Any]]
+                   ) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]]]:
+        """Train the fusable fits of ``work`` in fused steps (:mod:`engine.fl.fused_fit`);
+        returns their ``(client id, result)`` pairs and the work left to do one by one."""
+        from engine.fl.fused_fit import fit_fused, plan_fused
+
+        clients = [self.clients[cid] for cid, _ in work]
+        fits = []
+        for _, ins in work:
+            ins.state = {**shared, **ins.state}
+            fits.append(ins)
+        groups, alone = plan_fused(clients, fits)
+        for _, why in alone:
+            if why not in self._told:
+                self._told.add(why)
+                logger.warning("clients.fused_clients: a fit is trained alone (%s)", why)
+        out: list[tuple[str, Any]] = []
+        for group in groups:
+            if len(group) < 2:
+                alone.append((group[0], "alone in its group"))
+                continue
+            try:
+                results = fit_fused([clients[i] for i in group], [fits[i] for i in group],
+                                    chunk=self.fused_clients)
+            except Exception as err:  # the whole step failed: its clients' failure
+                failure = ClientFailure("task_error", f"fused fit: {type(err).__name__}: {err}")
+                out += [(work[i][0], failure) for i in group]
+                continue
+            out += [(work[i][0], res) for i, res in zip(group, results, strict=True)]
+        rest = [(work[i][0], fits[i]) for i, _ in sorted(alone)]  # (merging again: a no-op)
+        return out, rest
 
     def ping(self) -> bool:
         """Liveness check (answers once the actor has loaded its clients)."""

@@ -85,7 +85,8 @@ class ActorPool:
                                       max_restarts=res.max_restarts, max_task_retries=0,
                                       scheduling_strategy=free)
                   .remote(group, cfg.model, cfg.train, cfg.data, seed=cfg.seed,
-                          num_threads=max(1, int(res.num_cpus)), plugins=plugins)
+                          num_threads=max(1, int(res.num_cpus)), plugins=plugins,
+                          fused_clients=res.fused_clients)
                   for group in groups]
         refs = [a.infos.remote() for a in actors]
         try:

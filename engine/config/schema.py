@@ -198,7 +198,7 @@ class ModelConfig:
                   mlp_dim=self.mlp_dim, num_layers=self.num_layers, num_heads=self.num_heads)
         if 28 % self.patch_size:
             raise ValueError(f"model.patch_size must divide 28, got {self.patch_size}")
-        if self.hidden_size % self.num_heads:
+        if self.arch in ("vit", "vit_conv") and self.hidden_size % self.num_heads:
             raise ValueError("model.hidden_size must be a multiple of model.num_heads")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError("model.dropout must be in [0, 1)")
@@ -364,6 +364,13 @@ class ClientsConfig:
         actor and round carrying all of its clients of that round, which it trains in turn
         (cross-device runs: thousands of small updates, where a task per update costs more
         than the update). The same results; a crash or hang retries the actor's share.
+    fused_clients
+        With ``dispatch: actor``: train up to this many of an actor's clients of a round at
+        once, in one fused step (stacked parameters under ``torch.func.vmap``,
+        :mod:`engine.fl.fused_fit`), when their fits are alike and simple enough (one
+        domain, no schedule, DP-SGD, epoch selection, pool outputs, fp16, BatchNorm or
+        dropout); the same results as one by one, to float rounding. A fit that cannot
+        join is trained alone (its ``fused`` metric is 0). ``0`` (default): off.
     """
 
     num_actors: int | None = None
@@ -375,6 +382,7 @@ class ClientsConfig:
     ready_timeout_s: float = 300.0
     task_timeout_s: float | None = 3600.0
     dispatch: str = "client"
+    fused_clients: int = 0
 
     def __post_init__(self) -> None:
         if self.num_actors is not None and self.num_actors < 1:
@@ -382,6 +390,11 @@ class ClientsConfig:
         if self.dispatch not in ("client", "actor"):
             raise ValueError(f"clients.dispatch must be 'client' or 'actor', got "
                              f"{self.dispatch!r}")
+        if self.fused_clients < 0:
+            raise ValueError("clients.fused_clients must be >= 0")
+        if self.fused_clients > 1 and self.dispatch != "actor":
+            raise ValueError("clients.fused_clients needs clients.dispatch=actor (an actor "
+                             "fuses the clients of one task)")
         if self.num_cpus <= 0 or self.num_gpus < 0:
             raise ValueError("clients.num_cpus must be > 0 and clients.num_gpus >= 0")
         if not 0.0 < self.min_fit_fraction <= 1.0:

@@ -129,8 +129,8 @@ def write_shard(path: Path, shard: Shard) -> Path:
 def read_shard(path: Path) -> Shard:
     """Read a shard written by :func:`write_shard`."""
     path = Path(path)
-    try:
-        table = pq.read_table(path)
+    try:  # shards are small (a client's split): no read-ahead, no thread pool
+        table = pq.read_table(path, use_threads=False, pre_buffer=False)
     except (OSError, pa.ArrowException) as err:
         raise DataError(f"shard {path} cannot be read ({err}); delete it to have it rebuilt"
                         ) from err

@@ -64,3 +64,34 @@ def test_bench_scale_packs_virtual_clients(data_root: Path,
     (row,) = _json(capsys)["rows"]
     assert row["clients"] == 40 and row["actors"] == 2 and row["clients_per_actor"] == 20
     assert 0 < row["peak_rss_gb"] < 8
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_bench_crossdevice_rows_train_the_same_clients_and_agree(
+        data_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = cli(["bench", "crossdevice", "--clients", "40", "--per-round", "4", "--rounds", "2",
+                "--samples-per-client", "64", "--rows", "sequential,umim,flower", "--json",
+                "--data-root", str(data_root)])
+    out = _json(capsys)
+    assert code == 0 and out["passed"] and out["failures"] == []
+    by = {r["method"]: r for r in out["rows"]}
+    assert list(by) == ["sequential", "umim", "flower"]
+    # the engine's seeded sample: 4 distinct clients a round, not the same twice
+    sampled = out["sampled"]
+    assert len(sampled) == 2 and sampled[0] != sampled[1]
+    assert all(len(set(r)) == 4 and r == sorted(r) and max(r) < 40 for r in sampled)
+    assert out["updates"] == 8 and out["data"]["train_samples"] == 40 * 64
+    seq = by["sequential"]
+    for name in ("umim", "flower"):  # the same clients, batches and weights
+        row = by[name]
+        assert row["same_clients"] is True
+        assert row["max_abs_diff"] <= 1e-5
+        assert row["test_acc"] == pytest.approx(seq["test_acc"], abs=1e-3)
+        assert row["startup_s"] > 0 and row["wall_s"] > row["rounds_s"] > 0
+        assert row["overhead_ms_per_update"] == pytest.approx(
+            (row["rounds_s"] - seq["rounds_s"]) / 8 * 1e3)
+        assert 0 < row["peak_rss_gb"] < 16
+    assert seq["max_abs_diff"] == 0 and seq["test_acc"] > 1 / 6  # it learnt something
+    assert by["umim"]["actors"] == 2 and by["umim"]["clients_per_actor"] == 20
+    assert by["umim"]["x_flower"] == pytest.approx(by["flower"]["rounds_s"]
+                                                   / by["umim"]["rounds_s"])

@@ -52,3 +52,43 @@ def test_run_many_equals_one_call_per_client_and_isolates_errors(
             assert torch.equal(value, single[cid].state[key]), (cid, key)
     with pytest.raises(ValueError, match="unknown client method"):
         host.run_many("shutdown", {}, [])
+
+
+def test_fused_fits_equal_one_by_one_and_unfusable_ones_train_alone(
+        data_root: Path, shard_cache: Path) -> None:
+    cfg = load_config(None, ["data.domains=[breast]", "data.clients_per_domain=4",
+                             "data.partition=dirichlet", "data.max_eval_samples=16",
+                             "model.arch=cnn", "model.hidden_size=16", "model.num_heads=2",
+                             "train.batch_size=8",
+                             "train.optimizer=sgd", "train.momentum=0.9", "train.lr=0.05",
+                             "train.weight_decay=0.0001", "clients.dispatch=actor",
+                             "clients.fused_clients=2", f"data.data_root={data_root}",
+                             f"data.cache_dir={shard_cache}"])
+    specs = client_specs(cfg, pooled=False)
+    host = ClientHost(specs, cfg.model, cfg.train, cfg.data, seed=0, num_threads=1,
+                      fused_clients=cfg.clients.fused_clients)
+    strategy = create_strategy("fedavg")
+    strategy.initialize(host.infos(), initial_encoder(cfg))
+
+    def instructions() -> dict:
+        out = strategy.configure_fit(1, sorted(host.clients))
+        for cid, ins in out.items():
+            ins.config = {**ins.config, "round": 1, "seed": 0, "epochs": 2}
+            if cid == sorted(out)[-1]:
+                ins.config["select_on_val"] = True  # not fusable: trained alone
+        return out
+
+    single = {cid: host.fit(cid, {}, ins) for cid, ins in instructions().items()}
+    answers = dict(host.run_many("fit", {}, sorted(instructions().items())))
+    assert sorted(answers) == sorted(single)
+    fused = [c for c, r in answers.items() if r.metrics.get("fused") == 1.0]
+    assert fused == sorted(single)[:3]  # two fused steps (chunks of 2 and 1... of 3)
+    for cid, res in answers.items():
+        assert res.num_examples == single[cid].num_examples
+        assert res.metrics["train_loss"] == pytest.approx(single[cid].metrics["train_loss"],
+                                                          rel=1e-4)
+        for key, value in res.state.items():
+            torch.testing.assert_close(value, single[cid].state[key], rtol=1e-5, atol=1e-6)
+        if cid in fused:
+            assert any(not torch.equal(res.state[k], strategy.encoder[k])
+                       for k in strategy.encoder)  # it trained

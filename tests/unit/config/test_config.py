@@ -24,7 +24,7 @@ def test_defaults_and_overrides(tmp_path: Path) -> None:
     ("clients.num_gpu=1", r"unknown config key\(s\) \['clients.num_gpu'\]"),
     ("colour=red", r"unknown config key\(s\) \['colour'\]"),
     ("model.arch=vgg",
-     r"model.arch: unknown encoder 'vgg'; registered: \['resnet18', 'vit', 'vit_conv'\]"),
+     r"model.arch: unknown encoder 'vgg'; registered: \['cnn', 'resnet18', 'vit', 'vit_conv'\]"),
     ("train.batch_size=big", "train.batch_size: expected an integer"),
     ("train.local_epochs=0", "local_epochs"),
     ("clients.min_fit_fraction=0", "min_fit_fraction"),

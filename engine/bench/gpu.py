@@ -5,7 +5,7 @@ What to run on a GPU machine (a checkout of this repository, installed with its 
 ``pip install -e '.[dev]'``, and the data)::
 
     export UMIM_DATA_ROOT=/path/to/data        # medmnist/*.npz and mednist/
-    umim bench gpu                              # the four checks; exit 0 iff all passed
+    umim bench gpu                              # the five checks; exit 0 iff all passed
     umim bench gpu --json > gpu-checks.json     # the same, as one JSON document
     umim bench gpu --only pytest,mim-distill    # some of them
 
@@ -27,9 +27,14 @@ The checks, in this order (a failed check is a row of the table, never the end o
 ``bench-fedavg``
     ``umim bench fedavg --clients 8 --rounds 2 --local-epochs 5 --batch-size 128`` (the
     reference workload) in a subprocess; it fails when the methods' accuracies disagree.
+``bench-crossdevice``
+    ``umim bench crossdevice --clients 1000 --per-round 50 --rounds 10`` with the rows
+    sequential, umim, umim-per-actor, umim-per-client and flower (and pfl when its
+    environment exists) in a subprocess: the GPU rows of docs/performance.md; it fails when
+    a row trained other clients or its weights or accuracy disagree.
 
 Without CUDA the command refuses (one line, exit 2). ``--force-cpu`` runs a tiny version of
-the same four checks on the CPU with ``train.precision=bf16`` (``umim bench fedavg`` keeps its
+the same five checks on the CPU with ``train.precision=bf16`` (``umim bench fedavg`` keeps its
 ``auto``: float32 there), to test the command itself; ``tests/gpu`` is then skipped, which
 passes. It takes a few minutes on 2 cores.
 """
@@ -57,7 +62,7 @@ from engine.cluster.resources import ResourceError
 
 logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
-CHECKS = ("pytest", "federated", "mim-distill", "bench-fedavg")
+CHECKS = ("pytest", "federated", "mim-distill", "bench-fedavg", "bench-crossdevice")
 TINY_VIT = ["model.hidden_size=16", "model.mlp_dim=32", "model.num_layers=1",
             "model.num_heads=2"]
 
@@ -246,9 +251,34 @@ def check_bench_fedavg(where: Where) -> str:
     return f"samples/s: {rates}; accuracies agree: {out['accuracy_agrees']}"
 
 
+def check_bench_crossdevice(where: Where) -> str:
+    """``umim bench crossdevice`` in a subprocess; its rows must agree."""
+    from engine.bench.crossdevice_pfl import pfl_unavailable
+
+    pfl = [] if pfl_unavailable() else ["pfl"]
+    size = (["--clients", "40", "--per-round", "4", "--rounds", "2", "--samples-per-client",
+             "32", "--rows", "sequential,umim"] if where.force_cpu else
+            ["--clients", "1000", "--per-round", "50", "--rounds", "10", "--rows",
+             ",".join(["sequential", "umim", "umim-per-actor", "umim-per-client", "flower",
+                       *pfl])])
+    paths = [*(["--data-root", where.data_root] if where.data_root else []),
+             *(["--cache-dir", where.cache_dir] if where.cache_dir else [])]
+    proc = _subprocess([sys.executable, "-m", "engine.cli", "bench", "crossdevice", *size,
+                        *paths, "--json"], where, 900 if where.force_cpu else 3600)
+    lines = proc.stdout.splitlines()
+    starts = [i for i, line in enumerate(lines) if line == "{"]
+    _require(bool(starts), f"exit {proc.returncode}: {_last_line(proc.stderr)}")
+    out = json.loads("\n".join(lines[starts[-1]:]))
+    _require(proc.returncode == 0 and out["passed"],
+             f"exit {proc.returncode}; failures: {out.get('failures')}")
+    rates = ", ".join(f"{r['method']} {r['rounds_per_s']:.3g} rounds/s"
+                      for r in out["rows"] if r.get("rounds_per_s") is not None)
+    return f"{rates}; rows agree"
+
+
 CHECK_FUNCTIONS: dict[str, Callable[[Where], str]] = {
     "pytest": check_pytest, "federated": check_federated, "mim-distill": check_mim_distill,
-    "bench-fedavg": check_bench_fedavg}
+    "bench-fedavg": check_bench_fedavg, "bench-crossdevice": check_bench_crossdevice}
 
 
 def run_checks(names: Sequence[str], where: Where,

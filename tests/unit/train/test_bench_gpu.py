@@ -36,16 +36,17 @@ def test_a_failed_check_is_a_row_and_the_next_one_still_runs(
         raise gpu.CheckFailedError("the MIM base came from the cache")
 
     fake = {"pytest": lambda where: f"ok {where.force_cpu}", "federated": broken,
-            "mim-distill": false, "bench-fedavg": lambda where: "ok"}
+            "mim-distill": false, "bench-fedavg": lambda where: "ok",
+            "bench-crossdevice": lambda where: "ok"}
     monkeypatch.setattr(gpu, "CHECK_FUNCTIONS", fake)
     assert cli(["bench", "gpu", "--force-cpu", "--json"]) == 1
     out = json.loads(capsys.readouterr().out)
     assert [(r["check"], r["result"]) for r in out["rows"]] == [
         ("pytest", "passed"), ("federated", "FAILED"), ("mim-distill", "FAILED"),
-        ("bench-fedavg", "passed")]
+        ("bench-fedavg", "passed"), ("bench-crossdevice", "passed")]
     details = [r["detail"] for r in out["rows"]]
     assert details == ["ok True", "RuntimeError: CUDA error: out of memory",
-                       "the MIM base came from the cache", "ok"]
+                       "the MIM base came from the cache", "ok", "ok"]
     assert out["passed"] is False and out["mode"].startswith("cpu")
     assert all(r["wall_s"] >= 0 for r in out["rows"])
     assert cli(["bench", "gpu", "--force-cpu", "--only", "pytest"]) == 0

@@ -133,23 +133,27 @@ SPLIT_SEED = 0
 split (a data seed: the same for every run seed)."""
 ROWS = ("sequential", "umim", "flower", "pfl")
 ENGINE_ROWS: dict[str, dict[str, Any]] = {
-    "umim": {"clients": {"dispatch": "actor", "fused_clients": 16}},
-    "umim-per-actor": {"clients": {"dispatch": "actor", "fused_clients": 0}},
+    "umim": {"clients": {"dispatch": "actor", "fused_clients": 0}},
+    "umim-fused": {"clients": {"dispatch": "actor", "fused_clients": 16}},
     "umim-per-client": {"clients": {"dispatch": "client", "fused_clients": 0}},
 }
 """Engine rows: name -> overrides of the experiment's config sections (nested dicts merged
-into the bench's config). ``umim``: the cross-device path (``clients.dispatch: actor``, one
-task per actor's share of a round, and ``clients.fused_clients``: its clients trained in
-fused steps); ``umim-per-actor``: the same without fusing; ``umim-per-client``: the
-engine's default dispatch, a task per client update."""
+into the bench's config). ``umim``: the cross-device path (``clients.dispatch: actor``: one
+task per actor's share of a round); ``umim-fused``: the same with its clients trained in
+fused ``torch.func`` steps of up to 16 (``clients.fused_clients``; slower than one by one on
+this 2-core CPU for this CNN, see docs/performance.md, kept for GPUs); ``umim-per-client``:
+the engine's default dispatch, a task per client update."""
 ACC_TOLERANCE = 0.005
 """Largest accepted difference of a row's central test accuracy from the sequential row's
 (59 of the 11,791 test images; measured on 1000 clients x 10 rounds: no difference)."""
-STATE_TOLERANCE = 1e-4
+STATE_TOLERANCE = 2e-3
 """Largest accepted absolute difference of a row's final weights from the sequential
-row's: float32 rounding of the same computation. Measured on 1000 clients, 50 a round, 10
-rounds: 0 for the engine (bit-identical), 1.3e-6 for Flower (its float32 average, summed
-in reply order)."""
+row's: float32 rounding of the same computation, which SGD amplifies over the rounds.
+Measured on 1000 clients, 50 a round: 10 rounds, 0 for the engine's per-client path
+(bit-identical) and 1.3e-6 for Flower (its float32 average, summed in reply order); 30
+rounds, 3.9e-4 for Flower and 6.9e-4 for the engine's fused steps (batched kernels round
+differently), 9e-6 for pfl. A row that trained one wrong client a round is off by far more
+(and its accuracy check fails too)."""
 
 
 class RowUnavailableError(RuntimeError):

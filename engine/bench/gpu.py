@@ -29,7 +29,7 @@ The checks, in this order (a failed check is a row of the table, never the end o
     reference workload) in a subprocess; it fails when the methods' accuracies disagree.
 ``bench-crossdevice``
     ``umim bench crossdevice --clients 1000 --per-round 50 --rounds 10`` with the rows
-    sequential, umim, umim-per-actor, umim-per-client and flower (and pfl when its
+    sequential, umim, umim-fused, umim-per-client and flower (and pfl when its
     environment exists) in a subprocess: the GPU rows of docs/performance.md; it fails when
     a row trained other clients or its weights or accuracy disagree.
 
@@ -259,7 +259,7 @@ def check_bench_crossdevice(where: Where) -> str:
     size = (["--clients", "40", "--per-round", "4", "--rounds", "2", "--samples-per-client",
              "32", "--rows", "sequential,umim"] if where.force_cpu else
             ["--clients", "1000", "--per-round", "50", "--rounds", "10", "--rows",
-             ",".join(["sequential", "umim", "umim-per-actor", "umim-per-client", "flower",
+             ",".join(["sequential", "umim", "umim-fused", "umim-per-client", "flower",
                        *pfl])])
     paths = [*(["--data-root", where.data_root] if where.data_root else []),
              *(["--cache-dir", where.cache_dir] if where.cache_dir else [])]

@@ -15,6 +15,7 @@ from typing import Any
 import ray
 import torch
 
+from engine.cluster.transport import register_tensor_transport
 from engine.config import DataConfig, ModelConfig, TrainConfig
 from engine.config.plugins import Plugins, install
 from engine.fl.client import Client, ClientSpec, read_pool, shard_builder
@@ -32,6 +33,7 @@ class ClientHost:
                  data: DataConfig, *, seed: int, num_threads: int,
                  plugins: Plugins | None = None, fused_clients: int = 0) -> None:
         install(plugins)  # the driver's registered encoders and sources, before any model
+        register_tensor_transport()  # the results' tensors as raw bytes, out of band
         # a process's first torch.optim optimiser imports torch._dynamo (~1-3 s): at start-up,
         # not in the first round's first client
         torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0).zero_grad()

@@ -20,6 +20,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from engine.cluster.actors import ClientActor
 from engine.cluster.connect import alive_nodes
 from engine.cluster.resources import ResourceError, check_capacity
+from engine.cluster.transport import register_tensor_transport
 from engine.config import ExperimentConfig
 from engine.config.plugins import Plugins
 from engine.fl.client import ClientSpec
@@ -71,6 +72,7 @@ class ActorPool:
         """
         res = cfg.clients
         count = min(res.num_actors or len(specs), len(specs))
+        register_tensor_transport()  # states as raw bytes, out of band (engine.cluster.transport)
         check_capacity(alive_nodes(), count, res.num_cpus, res.num_gpus)
         groups: list[list[ClientSpec]] = [[] for _ in range(count)]
         home: dict[str, int] = {}

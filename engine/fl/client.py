@@ -494,22 +494,11 @@ class Client:
         return dict(model.state_dict(keep_vars=True))
 
     def _export(self) -> State:
-        """A copy of the model's state on the CPU, contiguous: the floating-point tensors
-        as views of one flat buffer (one allocation, one object to ship)."""
-        own = self._tensors()
-        out: State = {}
-        floats = [k for k, v in own.items() if v.dtype == torch.float32]
+        """A copy of the model's state on the CPU, contiguous, every tensor with a storage of
+        its own (views of one buffer would each pickle the whole buffer)."""
         with torch.no_grad():
-            if floats:
-                flat = torch.cat([own[k].detach().reshape(-1) for k in floats])  # a copy
-                flat = flat if flat.device.type == "cpu" else flat.cpu()
-                for key, piece in zip(floats, flat.split([own[k].numel() for k in floats]),
-                                      strict=True):
-                    out[key] = piece.view(own[key].shape)
-            for key, value in own.items():
-                if key not in out:
-                    out[key] = value.detach().to("cpu", copy=True).contiguous()
-        return {k: out[k] for k in own}
+            return {k: v.detach().to("cpu", copy=True).contiguous()
+                    for k, v in self._tensors().items()}
 
     def _optimizer(self, lr: float, dp: DPTraining | None = None) -> torch.optim.Optimizer:
         cfg = self.train_cfg

@@ -78,6 +78,10 @@ class Callback:
         """Called after a round was aggregated, evaluated and checkpointed."""
 
 
+HISTORY_EVERY_S = 10.0
+"""``history.parquet`` is rewritten after every checkpointed round and otherwise at most this
+often (its checkpointed copy is what a resume reads; the last write is at the end)."""
+
 FINAL_VAL = "final_val"
 """History phase of the final evaluation under ``evaluation.split=val``."""
 
@@ -173,6 +177,7 @@ class Simulation:
                             plan.noise_multiplier, plan.sample_rate, plan.planned_steps,
                             plan.planned_epsilon, plan.target_epsilon, plan.delta,
                             plan.accountant)
+        self._history_written = 0.0  # when history.parquet was last written (monotonic)
         self.best: dict[str, Any] | None = None  # evaluation.select_round=best_val
         # the final evaluation: the test split, or (evaluation.split=val, to tune without
         # touching test) the val split again, recorded apart from the per-round val
@@ -239,7 +244,9 @@ class Simulation:
                                     keep=self.cfg.run.keep_checkpoints)
                     self.history.add(server_round, "", "server", {
                         "checkpoint_seconds": time.perf_counter() - writing})
-                self._write_history()
+                    self._write_history()
+                elif time.monotonic() - self._history_written >= HISTORY_EVERY_S:
+                    self._write_history()  # (many short rounds: not the whole file each)
                 progress.advance_rounds(1)
                 for cb in self.callbacks:
                     cb.on_round_end(self, server_round)
@@ -387,6 +394,7 @@ class Simulation:
 
     def _write_history(self) -> None:
         self.storage.write_bytes("history.parquet", self.history.to_parquet_bytes())
+        self._history_written = time.monotonic()
 
     def val_auc(self, server_round: int) -> dict[str, float]:
         """Domain -> federated val AUC of the global model after ``server_round`` (mean over

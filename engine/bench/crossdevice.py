@@ -844,8 +844,9 @@ def bench_crossdevice_scale(workload: CrossDeviceWorkload, *, data_root: str | N
     """The engine alone with many virtual clients on few actors (e.g. 10,000 on 2): the
     time to build (or find) the shards, the start-up (Ray, the actors loading every
     client's shards), seconds per round with ``per_round`` sampled clients, and the peak
-    resident memory summed over every process from the first shard to the last round."""
-    cfg = workload.config(data_root, cache_dir)
+    resident memory summed over every process from the first shard to the last round (the
+    ``umim`` row's engine path)."""
+    cfg = engine_config(workload.config(data_root, cache_dir), "umim")
     with MemoryPeak() as memory, tempfile.TemporaryDirectory(prefix="umim-xd-scale-") as tmp:
         _, shards_s, cached = build_shards(cfg)
         row = run_umim(cfg, Path(tmp))

@@ -27,9 +27,9 @@ from strategies.types import FitIns, FitRes
 
 logger = logging.getLogger(__name__)
 
-UNFUSABLE_KEYS = ("arch", "select_on_val", "score_pool", "pool_outputs", "keep_teacher",
-                  "dp_noise_multiplier", "dp")
-"""Fit-config keys whose fit the fused path cannot train (when set and true)."""
+UNFUSABLE_KEYS = ("arch", "select_on_val", "score_pool", "pool_outputs", "keep_teacher")
+"""Fit-config keys whose fit the fused path cannot train (when set and true; any ``dp_*``
+key, a DP-SGD plan, too)."""
 
 
 def unfusable(client: Client, ins: FitIns) -> str | None:

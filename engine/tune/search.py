@@ -5,6 +5,8 @@ Three things differ from ``OptunaSearch`` as Ray 2.55 ships it:
 * The study lives in an RDB storage (``sqlite:///<sweep dir>/optuna.db``) from the first
   trial, so ``optuna-dashboard sqlite:///<sweep dir>/optuna.db`` follows a running sweep;
   each Optuna trial carries its Tune trial id as the user attribute ``tune_trial_id``.
+  The file appears with its schema complete (built aside, then renamed), so a reader that
+  opens it early never races the driver in creating the tables.
 * Optuna gets one intermediate value per validated round, at the round as the step
   (:data:`~engine.tune.names.VALIDATED_ROUND`), not one per Tune report at Tune's
   ``training_iteration`` (which counts distillation reports too); the result on which ASHA
@@ -22,14 +24,34 @@ round), TPE is fitted on values that are comparable.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 from ray.tune.search.optuna import OptunaSearch
 
-from engine.tune.names import METRIC, TRIAL_ID_ATTR, VALIDATED_ROUND, study_url
+from engine.tune.names import METRIC, STUDY_FILE, TRIAL_ID_ATTR, VALIDATED_ROUND, study_url
 
 logger = logging.getLogger(__name__)
+
+
+def _create_storage_file(folder: str | Path) -> None:
+    """Create ``folder/optuna.db`` with Optuna's schema, atomically, if it is not there.
+
+    Two processes that open a new SQLite file at once both run Optuna's schema migration,
+    and one fails (``UNIQUE constraint failed: alembic_version``): ``optuna-dashboard`` or
+    ``optuna.load_study`` opened while the sweep starts must find either no file or a whole
+    one.
+    """
+    from optuna.storages import RDBStorage
+
+    path = Path(folder).resolve() / STUDY_FILE
+    if path.exists():
+        return
+    staging = path.with_name(f".{STUDY_FILE}.{os.getpid()}.init")
+    staging.unlink(missing_ok=True)
+    RDBStorage(f"sqlite:///{staging}").engine.dispose()
+    os.replace(staging, path)
 
 
 class LiveOptunaSearch(OptunaSearch):
@@ -54,6 +76,7 @@ class LiveOptunaSearch(OptunaSearch):
                  points_to_evaluate: list[dict[str, Any]] | None = None) -> None:
         from optuna.storages import RDBStorage
 
+        _create_storage_file(folder)
         self._rounds = int(rounds)
         self._reported: dict[str, set[int]] = {}
         super().__init__(metric=METRIC, mode="max", seed=seed, study_name=study_name,

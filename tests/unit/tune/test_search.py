@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import pickle
+import threading
 import types
 from pathlib import Path
 
@@ -93,6 +94,39 @@ def test_study_is_live_with_round_steps_and_stopped_trials_pruned(tmp_path: Path
     assert by_tune["t3"].state == TRIAL_STATE.FAIL and by_tune["t3"].value is None
     assert by_tune["t4"].state == TRIAL_STATE.PRUNED
     assert by_tune["t4"].intermediate_values == {1: 0.58}
+
+
+def test_a_reader_opening_the_study_early_never_races_its_creation(tmp_path: Path) -> None:
+    # optuna-dashboard (or the sweep's own test) polling optuna.db while the sweep starts:
+    # two connections that meet a new SQLite file both migrate its schema and one fails
+    # (UNIQUE constraint failed: alembic_version); the searcher's file appears whole.
+    errors: list[Exception] = []
+    for attempt in range(5):
+        folder = tmp_path / str(attempt)
+        folder.mkdir()
+        stop = threading.Event()
+
+        def read(db: Path = folder / "optuna.db", stop: threading.Event = stop) -> None:
+            while not stop.is_set():
+                if db.exists():
+                    try:
+                        optuna.load_study(study_name="s", storage=f"sqlite:///{db}")
+                    except KeyError:  # the file is there, the study not yet
+                        pass
+                    except Exception as exc:  # any other error is the race
+                        errors.append(exc)
+
+        readers = [threading.Thread(target=read) for _ in range(3)]
+        for reader in readers:
+            reader.start()
+        try:
+            _searcher(folder)
+        finally:
+            stop.set()
+            for reader in readers:
+                reader.join()
+        assert sorted(p.name for p in folder.iterdir()) == ["optuna.db"]  # nothing staged left
+    assert not errors, errors[0]
 
 
 def test_searcher_survives_its_checkpoint_and_a_rerun(tmp_path: Path) -> None:

@@ -158,7 +158,7 @@ def placement_plan(cfg: ExperimentConfig) -> dict[str, Any]:
         "name": cfg.name,
         "seed": cfg.seed,
         "clients": {"count": len(ids), "ids": ids, "per_domain": cfg.data.clients_per_domain,
-                    "pooled": POOLED_CID in ids},  # (client_ids adds it when declared)
+                    "pooled": cfg.needs_pooled_client},  # a strategy declares ``pooled``
         "actors": {"count": k, "num_cpus": cfg.clients.num_cpus,
                    "num_gpus": cfg.clients.num_gpus,
                    "clients": [ids[a::k] for a in range(k)]},

@@ -33,6 +33,11 @@ TRIAL_ID_ATTR = "tune_trial_id"
 """The user attribute of an Optuna trial that holds its Tune trial id."""
 
 
+def study_path(folder: str | Path) -> Path:
+    """The absolute path of a sweep's Optuna study file, ``<sweep dir>/optuna.db``."""
+    return Path(folder).resolve() / STUDY_FILE
+
+
 def study_url(folder: str | Path) -> str:
     """The SQLAlchemy URL of a sweep's Optuna study (what ``optuna-dashboard`` takes).
 
@@ -46,4 +51,4 @@ def study_url(folder: str | Path) -> str:
     str
         ``sqlite:///<absolute sweep dir>/optuna.db``.
     """
-    return f"sqlite:///{Path(folder).resolve() / STUDY_FILE}"
+    return f"sqlite:///{study_path(folder)}"

@@ -30,7 +30,13 @@ from typing import Any
 
 from ray.tune.search.optuna import OptunaSearch
 
-from engine.tune.names import METRIC, STUDY_FILE, TRIAL_ID_ATTR, VALIDATED_ROUND, study_url
+from engine.tune.names import (
+    METRIC,
+    TRIAL_ID_ATTR,
+    VALIDATED_ROUND,
+    study_path,
+    study_url,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -45,10 +51,10 @@ def _create_storage_file(folder: str | Path) -> None:
     """
     from optuna.storages import RDBStorage
 
-    path = Path(folder).resolve() / STUDY_FILE
+    path = study_path(folder)
     if path.exists():
         return
-    staging = path.with_name(f".{STUDY_FILE}.{os.getpid()}.init")
+    staging = path.with_name(f".{path.name}.{os.getpid()}.init")
     staging.unlink(missing_ok=True)
     RDBStorage(f"sqlite:///{staging}").engine.dispose()
     os.replace(staging, path)

@@ -599,13 +599,14 @@ def _cmd_strategies(args: argparse.Namespace) -> int:
 
 def _print_summary(run_dir: str, summary: dict) -> None:
     console = Console(width=max(Console().width, 100))
-    table = Table(title=escape(f"{summary['name']} ({summary['strategy']}): test metrics"))
+    split = summary.get("scored_split", "test")  # evaluation.split=val scores val, not test
+    table = Table(title=escape(f"{summary['name']} ({summary['strategy']}): {split} metrics"))
     for col in ("domain", "AUC", "ACC"):
         table.add_column(col, justify="left" if col == "domain" else "right")
     for domain, row in summary["domains"].items():
         table.add_row(escape(domain), f"{row['auc']:.3f}", f"{row['acc']:.3f}")
     console.print(table)
-    console.print(escape(f"mean test AUC {summary['mean_test_auc']:.3f}; run directory: "
+    console.print(escape(f"mean {split} AUC {summary['mean_test_auc']:.3f}; run directory: "
                          f"{run_dir}"), soft_wrap=True)
     if summary.get("failures"):
         console.print(f"[yellow]{len(summary['failures'])} client failure(s) recorded[/yellow]")

@@ -78,7 +78,7 @@ def fake_study(monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
     module = types.ModuleType("engine.run.study")
     module.run, module.resume = run, resume  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "engine.run.study", module)
-    calls.module = module
+    calls.module, calls.summary = module, summary
     return calls
 
 
@@ -132,6 +132,18 @@ def test_run_passes_flags(tmp_path: Path, fake_study: SimpleNamespace,
     assert cfg.run.address == "auto"
     assert (cfg.data.data_root, cfg.data.cache_dir) == (None, None)  # not saved in the config
     assert "mean test AUC 0.500" in capsys.readouterr().out
+
+
+def test_a_validation_run_prints_val_not_test(tmp_path: Path, fake_study: SimpleNamespace,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    def scored_on_val(out: Any) -> None:
+        fake_study.summary["scored_split"] = "val"
+
+    fake_study.action = scored_on_val
+    assert main(["run", SMOKE, "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "mean val AUC 0.500" in text and "val metrics" in text
+    assert "test AUC" not in text and "test metrics" not in text
 
 
 @pytest.mark.parametrize(("override", "needle"), [

@@ -158,7 +158,8 @@ def placement_plan(cfg: ExperimentConfig) -> dict[str, Any]:
         "name": cfg.name,
         "seed": cfg.seed,
         "clients": {"count": len(ids), "ids": ids, "per_domain": cfg.data.clients_per_domain,
-                    "pooled": cfg.needs_pooled_client},  # a strategy declares ``pooled``
+                    # the strategies whose ``pooled`` declaration starts the oracle client
+                    "pooled_for": [cls.name for cls in cfg.strategy_classes() if cls.pooled]},
         "actors": {"count": k, "num_cpus": cfg.clients.num_cpus,
                    "num_gpus": cfg.clients.num_gpus,
                    "clients": [ids[a::k] for a in range(k)]},
@@ -239,8 +240,8 @@ def format_plan(plan: dict[str, Any], max_actors: int = 16) -> str:
     k = actors["count"]
     lines = [f"placement plan of {plan['name']!r} (seed {plan['seed']})",
              f"  clients      {clients['count']}: {_names(clients['ids'])}"
-             + (" (pooled: the oracle client holding every domain)" if clients["pooled"]
-                else ""),
+             + (f" (pooled: the oracle client holding every domain, for "
+                f"{', '.join(clients['pooled_for'])})" if clients["pooled_for"] else ""),
              f"  actors       {k} x ({_size(actors['num_cpus'], actors['num_gpus'])}); "
              f"client i on actor i % {k}"]
     for a, ids in enumerate(actors["clients"][:max_actors]):

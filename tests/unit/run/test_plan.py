@@ -22,7 +22,8 @@ def test_quickstart_plan() -> None:
     json.dumps(plan)  # plain data
     ids = ["breast", "pneumonia", "retina", "pathology", "adrenal", "vessel", "ct-region",
            "mr-xr", "pooled"]  # centralised is a baseline: the pooled client is started
-    assert plan["clients"] == {"count": 9, "ids": ids, "per_domain": 1, "pooled": True}
+    assert plan["clients"] == {"count": 9, "ids": ids, "per_domain": 1,
+                               "pooled_for": ["centralised"]}
     assert plan["actors"]["count"] == 2
     assert plan["actors"]["clients"] == [ids[0::2], ids[1::2]]
     assert (plan["actors"]["num_cpus"], plan["actors"]["num_gpus"]) == (0.5, 0.0)
@@ -92,7 +93,7 @@ def test_baselines_seeds_and_distilling_baseline() -> None:
     assert plan["train_jobs"]["runs"] is True and plan["train_jobs"]["pretrain"] is None
     assert plan["train_jobs"]["distill"]["for"] == ["baseline-universal-seed3",
                                                     "baseline-universal-seed4"]
-    assert not plan["clients"]["pooled"]
+    assert plan["clients"]["pooled_for"] == []
 
 
 def test_distill_scaling_on_gpus() -> None:
@@ -111,6 +112,7 @@ def test_format_plan() -> None:
     text = format_plan(placement_plan(load_config(QUICKSTART, ["strategy.rounds=7"])))
     assert "placement plan of 'quickstart'" in text
     assert "clients      9: breast, pneumonia" in text and "pooled" in text
+    assert "holding every domain, for centralised" in text
     assert "2 x (0.5 CPU, 0 GPU); client i on actor i % 2" in text
     assert "actor 0      5 client(s): breast, retina, adrenal, ct-region, pooled" in text
     assert "universal, 2 round(s) as it plans them (strategy.rounds=7); distils" in text
